@@ -135,20 +135,14 @@ def _read_table(path, text_column: str, label_column: str) -> tuple[list[str], l
         columns, records = _read_json_lines(path)
     else:
         raise ValueError(f"{path}: unsupported file type {suffix!r}; use .csv, .tsv, .jsonl or .json (JSON lines)")
+    if not records:
+        raise ValueError(f"{path}: no data rows")
     for column in (text_column, label_column):
         if column not in columns:
             raise ValueError(f"{path}: no column {column!r}; columns present: {sorted(columns)}")
-    if not records:
-        raise ValueError(f"{path}: no data rows")
 
-    texts = [r.get(text_column) for r in records]
-    labels = _label_keys([r.get(label_column) for r in records], path, label_column)
-    bad_type = [i for i, t in enumerate(texts) if t is not None and not isinstance(t, str)]
-    if bad_type:
-        raise TypeError(f"{path}: column {text_column!r} must hold strings; not a string at "
-                        f"{_rows(bad_type)} (e.g. {texts[bad_type[0]]!r})")
-    _check_present(path, text_column, [i for i, t in enumerate(texts) if t is None or not t.strip()], "empty text")
-    _check_present(path, label_column, [i for i, y in enumerate(labels) if y is None], "missing label")
+    texts = _checked_texts([r.get(text_column) for r in records], path, text_column)
+    labels = _checked_labels([r.get(label_column) for r in records], path, label_column)
     return texts, labels
 
 
@@ -201,13 +195,24 @@ def _label_key(value) -> str | None:
     return value or None
 
 
-def _label_keys(values: list, source, column: str) -> list[str | None]:
+def _checked_texts(texts: list, source, column: str) -> list[str]:
+    bad_type = [i for i, t in enumerate(texts) if t is not None and not isinstance(t, str)]
+    if bad_type:
+        raise TypeError(f"{source}: column {column!r} must hold strings; not a string at "
+                        f"{_rows(bad_type)} (e.g. {texts[bad_type[0]]!r})")
+    _check_present(source, column, [i for i, t in enumerate(texts) if t is None or not t.strip()], "empty or missing text")
+    return texts
+
+
+def _checked_labels(values: list, source, column: str) -> list[str]:
+    """Labels as string class names (see _label_key); missing ones are an error naming the rows."""
     keys = []
     for i, value in enumerate(values):
         try:
             keys.append(_label_key(value))
         except TypeError as e:
             raise TypeError(f"{source}: column {column!r}, {_rows([i])}: {e}") from None
+    _check_present(source, column, [i for i, y in enumerate(keys) if y is None], "missing label")
     return keys
 
 
@@ -334,16 +339,11 @@ def _load_hub(name: str, text_column: str, label_column: str) -> TextDataset:
     for split, hub_split in split_names.items():
         texts, values = list(hub[hub_split][text_column]), list(hub[hub_split][label_column])
         source = f"{name} [{hub_split}]"
-        if not all(isinstance(t, str) for t in texts):
-            raise TypeError(f"{source}: column {text_column!r} must hold strings")
-        _check_present(source, text_column, [i for i, t in enumerate(texts) if not t.strip()], "empty text")
-        if class_names is not None:
+        if class_names is not None:  # ids -> names; -1 (or any id outside the names) means unlabelled
             values = [class_names[v] if v is not None and 0 <= v < len(class_names) else None for v in values]
-        labels = _label_keys(values, source, label_column)
-        _check_present(source, label_column, [i for i, y in enumerate(labels) if y is None], "missing label")
-        raw[split] = (texts, labels)
+        raw[split] = (_checked_texts(texts, source, text_column), _checked_labels(values, source, label_column))
     sources = {s: f"{name} [{h}]" for s, h in split_names.items()}
-    names = None if class_names is None else _label_keys(list(class_names), f"{name} ClassLabel", label_column)
+    names = None if class_names is None else _checked_labels(list(class_names), f"{name} ClassLabel", label_column)
     dataset = _encode_splits(name, raw, sources, names)
     dataset.notes.extend(notes)
     return dataset
@@ -403,8 +403,8 @@ def stratified_subset(split: TextSplit, n: int | None, seed: int) -> TextSplit:
     take = np.floor(ideal).astype(np.int64)
     if n >= len(classes):
         take = np.maximum(take, 1)
-    # Hand out (or take back) single samples until the total is n: first to the classes whose
-    # share was rounded down the most, then from those furthest above their share.
+    # Hand the samples still missing to the classes rounded down the most; when the minimum of one
+    # per class overshot n, take samples back from the classes furthest above their share.
     while take.sum() < n:
         room = np.where(take < counts, ideal - take, -np.inf)
         take[np.argmax(room)] += 1

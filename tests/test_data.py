@@ -137,7 +137,7 @@ def test_unseen_test_label_names_label_and_file(tmp_path):
 def test_empty_texts_and_missing_labels_name_their_rows(tmp_path):
     rows = [("a", "x"), ("  ", "y"), ("c", "x"), ("", "y")]
     path = write_csv(tmp_path / "train.csv", rows)
-    with pytest.raises(ValueError, match=r"empty text in column 'text' at data row\(s\) 2, 4 "):
+    with pytest.raises(ValueError, match=r"empty or missing text in column 'text' at data row\(s\) 2, 4 "):
         load_dataset(train_file=path, test_file=path)
     path = write_csv(tmp_path / "labels.csv", [("a", "x"), ("b", ""), ("c", "y")])
     with pytest.raises(ValueError, match=r"missing label in column 'label' at data row\(s\) 2 \("):
@@ -236,11 +236,17 @@ def test_hub_dataset_without_labelled_test_uses_validation(fake_hub, test_split)
     assert "validation split is the test set" in d.notes[0]
 
 
-def test_hub_dataset_missing_column(fake_hub):
+def test_hub_dataset_bad_columns_and_rows(fake_hub):
     hub, split = fake_hub
     hub["org/sent", None] = {"train": split(["a", "b"], [0, 2]), "test": split(["d"], [2])}
     with pytest.raises(ValueError, match=r"no column 'text'; columns present: \['label', 'sentence'\]"):
         load_dataset("org/sent")
+    hub["org/sent", None] = {"train": split(["a", "b", ""], [0, -1, 2]), "test": split(["d"], [2])}
+    with pytest.raises(ValueError, match=r"org/sent \[train\]: empty or missing text .* row\(s\) 3 "):
+        load_dataset("org/sent", text_column="sentence")
+    hub["org/sent", None] = {"train": split(["a", "b", "c"], [0, -1, 2]), "test": split(["d"], [2])}
+    with pytest.raises(ValueError, match=r"org/sent \[train\]: missing label .* row\(s\) 2 "):
+        load_dataset("org/sent", text_column="sentence")
 
 
 @pytest.fixture(scope="module")
