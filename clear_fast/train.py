@@ -1,0 +1,40 @@
+"""`python -m clear_fast.train`: CleaR and its baselines from the command line.
+
+Errors a user can fix (bad flags, missing files or columns, unknown models or datasets) are printed
+as one clear message with exit status 2, not as a traceback.
+"""
+import os
+import sys
+
+# Offline unless the user says otherwise: a hub name then fails at once instead of retrying for ~46 s.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def main(argv=None):
+    from .config import parse_config
+
+    try:
+        config = parse_config(argv)
+        from .trainer import train
+
+        results = train(config)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: the last finished epoch is checkpointed; continue with the same command "
+              "plus --resume", file=sys.stderr)
+        return 130
+    out = config.output_dir
+    print(f"\nbest test accuracy {results['best_test_accuracy']:.4f} (epoch {results['best_epoch']}), "
+          f"last {results['last_test_accuracy']:.4f}"
+          + (f", dev-selected {results['dev_selected_test_accuracy']:.4f}" if "dev_selected_test_accuracy" in results else ""))
+    print(f"outputs in {os.path.abspath(out)}: results.json, metrics.jsonl, per_sample.csv, noise.json, plots/, "
+          + ("model/" if config.method == "full" else "adapter/"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

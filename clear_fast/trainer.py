@@ -1,0 +1,395 @@
+"""The CleaR training loop (clear-method.md), with plain LoRA, full fine-tuning and oracle routing.
+
+One epoch: training steps (routed after warm-up, with the consistency loss towards the teacher),
+evaluation, then the clean-probability pass whose clean probabilities and ensemble logits drive the
+next epoch (it runs after the last update of an epoch, which is the same as "before the first update
+of the next"). Every epoch ends with an atomic checkpoint, so --resume continues to the same result.
+"""
+import csv
+import io as _io
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import io, metrics, plots
+from .config import TrainConfig
+from .losses import clear_loss
+from .mixture import clean_probability
+from .model import (draw_routing_masks, inject_routed_lora, load_classifier, save_peft_adapter,
+                    sentence_embeddings)
+
+ROUTED_METHODS = ("clear-lora", "oracle-lora")
+RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "results.json")
+
+
+# ----------------------------------------------------------------------------- data to tensors
+class Tokenized:
+    """Token ids of one split, tokenised once; batches are padded to their own longest text."""
+
+    def __init__(self, tokenizer, texts, labels, max_length):
+        enc = tokenizer(list(texts), truncation=True, max_length=max_length)
+        self.ids = enc["input_ids"]
+        self.lengths = np.array([len(x) for x in self.ids])
+        self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def __len__(self):
+        return len(self.ids)
+
+    def batch(self, index, device):
+        index = np.asarray(index)
+        width = int(self.lengths[index].max())
+        ids = torch.full((len(index), width), self.pad_id, dtype=torch.long)
+        for row, i in enumerate(index):
+            ids[row, : self.lengths[i]] = torch.as_tensor(self.ids[i])
+        mask = (torch.arange(width)[None, :] < torch.as_tensor(self.lengths[index])[:, None]).long()
+        return {"input_ids": ids.to(device), "attention_mask": mask.to(device),
+                "labels": self.labels[index].to(device), "index": torch.as_tensor(index)}
+
+    def sorted_batches(self, batch_size, device):
+        """No-grad passes go in length order: little padding wasted."""
+        order = np.argsort(self.lengths, kind="stable")
+        for s in range(0, len(order), batch_size):
+            yield self.batch(order[s: s + batch_size], device)
+
+
+# ----------------------------------------------------------------------------- the run
+class Run:
+    def __init__(self, config: TrainConfig):
+        self.cfg = config
+        self.out = Path(config.output_dir)
+        self.device = _pick_device(config.device)
+        self.routed = config.method in ROUTED_METHODS
+
+    # -- set-up ---------------------------------------------------------------------------
+    def prepare_output_dir(self):
+        existing = [f for f in RUN_FILES if (self.out / f).exists()]
+        if self.cfg.resume:
+            if not (self.out / "checkpoint.pt").exists():
+                raise ValueError(f"--resume: no checkpoint in {self.out} to resume from")
+            saved = json.loads((self.out / "config.json").read_text())
+            ignore = {"resume", "overwrite", "progress", "plots"}
+            diff = sorted(k for k, v in self.cfg.to_dict().items() if k not in ignore and saved.get(k) != v)
+            if diff:
+                raise ValueError(f"--resume: the run in {self.out} was made with different settings: "
+                                 + ", ".join(f"{k} (saved {saved.get(k)!r}, now {self.cfg.to_dict()[k]!r})"
+                                             for k in diff))
+        elif existing and not self.cfg.overwrite:
+            raise ValueError(f"{self.out} already holds a run ({', '.join(existing)}): pass --resume to "
+                             f"continue it, --overwrite to replace it, or choose another --output-dir")
+        elif existing:
+            for f in RUN_FILES:
+                (self.out / f).unlink(missing_ok=True)
+        self.out.mkdir(parents=True, exist_ok=True)
+        io.write_json(self.out / "config.json", self.cfg.to_dict())
+
+    def load(self):
+        from .data import load_dataset, stratified_subset
+        from .noise import inject_noise
+
+        cfg = self.cfg
+        data = load_dataset(None if cfg.train_file else cfg.dataset, train_file=cfg.train_file,
+                            test_file=cfg.test_file, dev_file=cfg.dev_file, text_column=cfg.text_column,
+                            label_column=cfg.label_column)
+        if data.num_classes < 2:
+            raise ValueError(f"the training data has {data.num_classes} class(es): at least two are needed")
+        subset = lambda split, n: stratified_subset(split, n or None, cfg.data_seed) if split else None
+        self.data_name = data.name
+        self.label_names = list(data.label_names)
+        self.train_split = subset(data.train, cfg.max_train_samples)
+        dev_split, test_split = subset(data.dev, cfg.max_eval_samples), subset(data.test, cfg.max_eval_samples)
+
+        self.model, tokenizer, self.model_path = load_classifier(cfg.model, data.num_classes, self.label_names)
+        self.model.to(self.device)
+        tok = lambda s: Tokenized(tokenizer, s.texts, s.labels, cfg.max_length) if s is not None else None
+        self.train, self.dev, self.test = tok(self.train_split), tok(dev_split), tok(test_split)
+        self.true_labels = self.train.labels.clone()
+
+        features = None
+        if cfg.noise_type == "instance":
+            self.model.eval()
+            emb = sentence_embeddings(self.model, self.train.sorted_batches(cfg.eval_batch_size, self.device))
+            features = np.empty((len(self.train), emb.shape[1]), dtype=np.float32)
+            features[np.argsort(self.train.lengths, kind="stable")] = emb.numpy()
+        noise = inject_noise(self.true_labels.numpy(), data.num_classes, cfg.noise_type, cfg.noise_rate,
+                             cfg.effective_noise_seed, features=features)
+        self.noise_info = dict(noise.info)
+        self.clean_mask = np.asarray(noise.clean_mask, dtype=bool)
+        self.train.labels = torch.as_tensor(noise.noisy_labels, dtype=torch.long)
+        io.write_json(self.out / "noise.json", {**self.noise_info, "clean_mask": self.clean_mask.astype(int).tolist()})
+
+        if cfg.method == "full":
+            self.router = None
+            for p in self.model.parameters():
+                p.requires_grad_(True)
+        else:
+            self.router = inject_routed_lora(self.model, cfg.target_modules, cfg.r, cfg.lora_alpha,
+                                             cfg.lora_dropout)
+            self.model.to(self.device)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.forward_model = torch.compile(self.model) if cfg.compile else self.model
+
+    # -- pieces of an epoch -----------------------------------------------------------------
+    def _route(self, p_batch):
+        """Set each layer's routing mask for this batch from per-sample routing probabilities
+        p_batch [B] (None: every sample through every adapter). Drawn on the device: no sync."""
+        if self.router is None:
+            return None
+        masks = None if p_batch is None else draw_routing_masks(p_batch, self.router.num_layers)
+        self.router.set_masks(masks)
+        return masks
+
+    def _logits(self, batch):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
+            out = self.forward_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        return out.logits.float()
+
+    def train_epoch(self, epoch, p_route, teacher):
+        cfg = self.cfg
+        self.model.train()
+        order = np.random.default_rng([cfg.seed, epoch]).permutation(len(self.train))
+        n = len(self.train)
+        step_ce = torch.zeros(n, device=self.device)
+        step_logits = torch.zeros(n, len(self.label_names), device=self.device)
+        loss_sum = torch.zeros((), device=self.device)
+        routed_sum = torch.zeros((), device=self.device)
+        steps = range(0, n, cfg.batch_size)
+        for k, s in enumerate(tqdm(steps, desc=f"epoch {epoch + 1} steps", leave=False, disable=not cfg.progress)):
+            batch = self.train.batch(order[s: s + cfg.batch_size], self.device)
+            idx = batch["index"].to(self.device)
+            masks = self._route(None if p_route is None else p_route[idx])
+            logits = self._logits(batch)
+            loss, ce = clear_loss(logits, batch["labels"], None if teacher is None else teacher[idx],
+                                  cfg.consistency_weight, cfg.temperature)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            step_ce[idx] = ce
+            step_logits[idx] = logits.detach()
+            loss_sum += loss.detach() * len(idx)
+            routed_sum += (1.0 if masks is None else masks.float().mean()) * len(idx)
+        self._route(None)
+        return {"train_loss": float(loss_sum) / n, "routed_fraction": None if self.router is None else float(routed_sum) / n,
+                "step_ce": step_ce, "step_logits": step_logits}
+
+    @torch.inference_mode()
+    def predict(self, split, gamma, passes, desc):
+        """Average logits of `passes` no-grad passes; each adapter on w.p. gamma (None: all on)."""
+        self.model.eval()
+        out = torch.zeros(len(split), len(self.label_names), device=self.device)
+        for _ in range(passes):
+            for batch in tqdm(list(split.sorted_batches(self.cfg.eval_batch_size, self.device)), desc=desc,
+                              leave=False, disable=not self.cfg.progress):
+                n = len(batch["index"])
+                self._route(None if gamma is None else torch.full((n,), gamma, device=self.device))
+                out[batch["index"].to(self.device)] += self._logits(batch)
+        self._route(None)
+        return out / passes
+
+    def evaluate(self, split):
+        if split is None:
+            return None
+        stochastic = self.routed and self.cfg.eval_routing == "stochastic"
+        logits = self.predict(split, self.cfg.gamma if stochastic else None, 1, "evaluate")
+        return metrics.accuracy(logits.argmax(-1).cpu().numpy(), split.labels.numpy())
+
+    def clean_probability_pass(self, epoch_result):
+        """Per-sample losses -> Gaussian mixture -> p_clean, plus the teacher logits (zbar)."""
+        cfg = self.cfg
+        labels = self.train.labels.to(self.device)
+        t0 = time.perf_counter()
+        if cfg.clean_prob_source == "train-steps":
+            zbar = epoch_result["step_logits"]
+            losses = epoch_result["step_ce"]
+        else:
+            passes = cfg.ensemble_passes if self.routed else 1
+            zbar = self.predict(self.train, cfg.gamma if self.routed else None, passes, "clean-probability pass")
+            losses = torch.nn.functional.cross_entropy(zbar, labels, reduction="none")
+        t1 = time.perf_counter()
+        losses64 = losses.double() if losses.device.type == "cpu" else losses
+        p_clean, gmm = clean_probability(losses64, normalize=cfg.normalize_losses)
+        t2 = time.perf_counter()
+        return {"zbar": zbar, "losses": losses.float(), "p_clean": p_clean.float().to(self.device), "gmm": gmm,
+                "pass_s": t1 - t0, "mixture_s": t2 - t1}
+
+    # -- checkpointing ------------------------------------------------------------------------
+    def save_checkpoint(self, epoch, state):
+        trainable = {n: p.detach().cpu() for n, p in self.model.named_parameters() if p.requires_grad}
+        io.torch_save({"epoch": epoch, "trainable": trainable, "optimizer": self.optimizer.state_dict(),
+                       **{k: (v.cpu() if torch.is_tensor(v) else v) for k, v in state.items()}},
+                      self.out / "checkpoint.pt")
+
+    def load_checkpoint(self):
+        ck = torch.load(self.out / "checkpoint.pt", map_location="cpu", weights_only=False)
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for n, v in ck["trainable"].items():
+                params[n].copy_(v)
+        self.optimizer.load_state_dict(ck["optimizer"])
+        return ck
+
+    # -- the whole run -------------------------------------------------------------------------
+    def run(self):
+        cfg = self.cfg
+        t_start = time.perf_counter()
+        self.prepare_output_dir()
+        torch.manual_seed(cfg.seed)  # adapter and head initialisation
+        self.load()
+        records, start, pass_out = [], 0, None
+        p_clean = teacher = None
+        if cfg.resume:
+            ck = self.load_checkpoint()
+            start = ck["epoch"] + 1
+            records = io.read_jsonl(self.out / "metrics.jsonl")[:start]
+            p_clean = ck["p_clean"].to(self.device) if ck.get("p_clean") is not None else None
+            teacher = ck["teacher"].to(self.device) if ck.get("teacher") is not None else None
+            pass_out = ck.get("last_pass")
+            print(f"resuming {self.out} after epoch {start} of {cfg.num_epochs}")
+        clean_t = torch.as_tensor(self.clean_mask, dtype=torch.float32, device=self.device)
+        bar = tqdm(range(start, cfg.num_epochs), desc=f"{cfg.method} on {self.data_name}", disable=not cfg.progress)
+        for epoch in bar:
+            torch.manual_seed(cfg.seed * 100_003 + epoch)  # routing and dropout: the same draws on resume
+            warm = epoch < cfg.warmup_epochs
+            p_route = teacher_e = None
+            if self.routed:
+                if warm or p_clean is None:
+                    p_route = torch.full((len(self.train),), cfg.gamma, device=self.device)
+                else:
+                    source = clean_t if cfg.method == "oracle-lora" else p_clean
+                    p_route = cfg.gamma * source
+                    teacher_e = teacher
+            t0 = time.perf_counter()
+            ep = self.train_epoch(epoch, p_route, teacher_e)
+            t1 = time.perf_counter()
+            test_acc, dev_acc = self.evaluate(self.test), self.evaluate(self.dev)
+            t2 = time.perf_counter()
+            cp = self.clean_probability_pass(ep)
+            p_clean, teacher = cp["p_clean"], cp["zbar"]
+            record = self._record(epoch, warm, ep, cp, test_acc, dev_acc,
+                                  {"train_s": t1 - t0, "eval_s": t2 - t1, "clean_pass_s": cp["pass_s"],
+                                   "mixture_s": cp["mixture_s"]})
+            records.append(record)
+            io.write_jsonl(self.out / "metrics.jsonl", records)
+            pass_out = {"losses": cp["losses"].cpu(), "p_clean": p_clean.cpu(),
+                        "pred": teacher.argmax(-1).cpu(), "mixture": record["mixture"]}
+            if cfg.plots:
+                plots.loss_histogram(pass_out["losses"].numpy(), self.clean_mask if self._noisy() else None,
+                                     record["mixture"], self.out / "plots" / f"loss_hist_epoch{epoch + 1:02d}.png",
+                                     f"{cfg.method}, epoch {epoch + 1}: per-sample training loss")
+                plots.curves(records, self.out / "plots" / "curves.png",
+                             f"{cfg.method} on {self.data_name}, {cfg.noise_type} noise {cfg.noise_rate}")
+            self.save_checkpoint(epoch, {"p_clean": p_clean, "teacher": teacher, "last_pass": pass_out})
+            tqdm.write(_epoch_line(record, cfg.num_epochs))
+        results = self.finish(records, pass_out, time.perf_counter() - t_start)
+        return results
+
+    def _noisy(self):
+        return bool((~self.clean_mask).any())
+
+    def _record(self, epoch, warm, ep, cp, test_acc, dev_acc, times):
+        p = cp["p_clean"].cpu().numpy()
+        pred = cp["zbar"].argmax(-1).cpu().numpy()
+        rec = {"epoch": epoch + 1, "phase": "warm-up" if (warm and self.routed) else "train",
+               "train_loss": ep["train_loss"], "test_accuracy": test_acc, "dev_accuracy": dev_acc,
+               "routed_fraction": ep["routed_fraction"], "mixture": metrics.mixture_summary(cp["gmm"])}
+        det = metrics.clean_detection(p, self.clean_mask)
+        rec.update({"clean_" + k: v for k, v in det.items()})
+        rec.update(metrics.training_fit(pred, self.train.labels.numpy(), self.true_labels.numpy(), self.clean_mask))
+        rec["time_s"] = {k: round(v, 3) for k, v in times.items()}
+        rec["epoch_s"] = round(sum(times.values()), 3)
+        return rec
+
+    def finish(self, records, pass_out, wall):
+        cfg = self.cfg
+        test = [r["test_accuracy"] for r in records]
+        best = int(np.argmax(test))
+        results = {"method": cfg.method, "dataset": self.data_name, "noise": self.noise_info,
+                   "num_train": len(self.train), "num_test": len(self.test),
+                   "num_dev": len(self.dev) if self.dev is not None else 0,
+                   "best_test_accuracy": test[best], "best_epoch": best + 1, "last_test_accuracy": test[-1]}
+        if all(r["dev_accuracy"] is not None for r in records):
+            b = int(np.argmax([r["dev_accuracy"] for r in records]))
+            results.update({"dev_selected_test_accuracy": test[b], "dev_selected_epoch": b + 1})
+        last = records[-1]
+        results["final_clean_detection"] = {k: last.get("clean_" + k) for k in
+                                            ("auroc", "average_precision", "precision", "recall")}
+        results["final_mixture"] = last["mixture"]
+        results.update({"config": cfg.to_dict(), "versions": _versions(), "device": _device_name(self.device),
+                        "wall_time_s": round(wall, 1), "epoch_time_s": [r["epoch_s"] for r in records]})
+        self.write_per_sample(pass_out)
+        if cfg.save_adapter:
+            results["model_dir"] = str(self.save_model())
+        io.write_json(self.out / "results.json", results)
+        return results
+
+    def write_per_sample(self, pass_out):
+        buf = _io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["index", "observed_label", "true_label", "flipped", "loss", "clean_probability",
+                    "predicted_label", "text"])
+        p, losses, pred = (pass_out[k].numpy() for k in ("p_clean", "losses", "pred"))
+        names, obs, true = self.label_names, self.train.labels.numpy(), self.true_labels.numpy()
+        for i in np.lexsort((-losses, p)):  # least likely clean first, then highest loss
+            w.writerow([i, names[obs[i]], names[true[i]], int(obs[i] != true[i]), f"{losses[i]:.6g}",
+                        f"{p[i]:.6g}", names[pred[i]], self.train_split.texts[i]])
+        io.write_text(self.out / "per_sample.csv", buf.getvalue())
+
+    def save_model(self):
+        import tempfile
+
+        final = self.out / ("model" if self.cfg.method == "full" else "adapter")
+        tmp = Path(tempfile.mkdtemp(dir=self.out, prefix=".model."))
+        if self.cfg.method == "full":
+            self.model.save_pretrained(str(tmp))
+        else:
+            save_peft_adapter(self.model, self.router, self.model_path, tmp, self.cfg)
+        io.write_json(tmp / "labels.json", {"label_names": self.label_names, "base_model": self.model_path})
+        io.replace_dir(tmp, final)
+        return final
+
+
+def _epoch_line(r, total):
+    parts = [f"epoch {r['epoch']}/{total} ({r['phase']})", f"loss {r['train_loss']:.3f}",
+             f"test {r['test_accuracy']:.4f}"]
+    if r["dev_accuracy"] is not None:
+        parts.append(f"dev {r['dev_accuracy']:.4f}")
+    if r.get("clean_auroc") is not None:
+        parts.append(f"clean AUROC {r['clean_auroc']:.3f}")
+    if r["routed_fraction"] is not None:
+        parts.append(f"routed {r['routed_fraction']:.2f}")
+    parts.append(f"{r['epoch_s']:.0f}s")
+    return "  ".join(parts)
+
+
+def _pick_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA GPU is available here (use --device cpu or auto)")
+    return torch.device(name)
+
+
+def _device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _versions():
+    import sklearn
+    import transformers
+
+    import clear_fast
+
+    return {"clear_fast": clear_fast.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "scikit-learn": sklearn.__version__, "python": platform.python_version()}
+
+
+def train(config: TrainConfig):
+    return Run(config).run()
