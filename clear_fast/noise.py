@@ -5,7 +5,8 @@ the same noisy labels whatever else a run does, and methods compared on one seed
 
 Conventions (see docs/clear-method.md, "Label noise"), with r the rate and K the number of classes:
 
-- ``none``: labels unchanged; the rate must be 0 (a non-zero rate is taken for a mistake).
+- ``none``: labels unchanged, whatever the rate (so a CLI default rate needs no override);
+  ``info`` records the rate as requested and an expected flip rate of 0.
 - ``symmetric`` (CleaR's released code): each label is redrawn from the row of the transition
   matrix with 1 - r + r/K on the diagonal and r/K elsewhere, so the expected fraction actually
   flipped is r (K - 1) / K.
@@ -31,7 +32,7 @@ import numpy as np
 NOISE_TYPES = ("none", "symmetric", "symmetric-exact", "asymmetric", "asymmetric-next", "instance")
 
 _CONVENTIONS = {
-    "none": "labels unchanged",
+    "none": "labels unchanged (the rate is ignored)",
     "symmetric": "released CleaR convention: each label redrawn from a transition matrix with 1 - r + r/K on "
                  "the diagonal and r/K elsewhere (expected flip rate r(K-1)/K)",
     "symmetric-exact": "exactly round(r*N) samples, chosen at random, flipped to a uniformly chosen different class",
@@ -128,8 +129,6 @@ def _check(labels, num_classes, noise_type, rate, seed):
         raise ValueError(f"unknown noise type {noise_type!r}; choose one of {', '.join(NOISE_TYPES)}")
     if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0 <= rate < 1:
         raise ValueError(f"noise rate must be a number in [0, 1), got {rate!r}")
-    if noise_type == "none" and rate != 0:
-        raise ValueError(f"noise type 'none' takes rate 0, got {rate!r}; choose a noise type to corrupt labels")
     if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 2:
         raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
