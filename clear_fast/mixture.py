@@ -1,0 +1,402 @@
+"""Clean probabilities: a 1-D Gaussian mixture with scikit-learn's semantics, on CPU and GPU.
+
+CleaR fits a two-component mixture to the per-sample losses each epoch and routes each sample with
+the posterior of the smaller-mean component. ``GaussianMixture1D`` reproduces
+``sklearn.mixture.GaussianMixture(covariance_type="full", n_init=1)`` on one feature:
+
+- init: scikit-learn's ``KMeans(n_clusters, n_init=1, random_state)`` labels, one-hot, one M-step.
+  For two components it is re-implemented here (k-means++ seeding with the same random draws, then
+  Lloyd with the same assignment arithmetic and stopping rules) so it runs on the data's device in
+  a few vectorised passes; other component counts call scikit-learn's KMeans on the CPU;
+- EM: reg_covar added to every variance, stop at the first iteration whose mean log-likelihood
+  lower bound changed by less than tol, ConvergenceWarning when max_iter is reached first;
+- a final E-step with the final parameters gives the posteriors (as sklearn's fit_predict).
+
+Computation: float64 on the input's device. backend="torch" runs vectorised torch (a specialised
+two-component E-step on the CPU); backend="triton" runs kernels/gmm.py's fused E-step, which reads
+the lower bounds back only every CHECK_EVERY iterations and rolls back to the first iteration that
+met the test, so the result equals the sequential loop's; "auto" picks triton for CUDA tensors.
+
+Degenerate input (documented answers): fewer than max(2, n_components) samples, empty input, NaN or
+inf, or a wrong shape raise ValueError; data with a single distinct value warn (as sklearn's KMeans
+does) and fit one real component plus an empty one at mean 0 (sklearn's result); clean_probability
+then returns p_clean = 1 for every sample, since there is nothing to separate.
+"""
+import math
+import os
+import warnings
+
+import numpy as np
+import torch
+
+from clear_fast.kernels.gmm import EMPlan, em_step_reference, em_step_triton, m_step_reference
+
+CHECK_EVERY = 8  # triton backend: EM iterations between reads of the lower bounds (host syncs)
+_KMEANS_MAX_ITER, _KMEANS_TOL = 300, 1e-4  # sklearn KMeans defaults
+_LOG_2PI = math.log(2.0 * math.pi)
+
+
+class ConvergenceWarning(UserWarning):
+    """EM stopped at max_iter before the lower bound settled (sklearn's warning, same meaning)."""
+
+
+# ----------------------------------------------------------------------------- input handling
+
+
+def _as_tensor(x, name="x"):
+    """x (numpy / array-like / torch, [N] or [N, 1]) -> (float64 contiguous [N] tensor, is_torch)."""
+    is_torch = isinstance(x, torch.Tensor)
+    if is_torch:
+        if x.is_complex() or x.dtype == torch.bool:
+            raise TypeError(f"{name} must hold real numbers, got dtype {x.dtype}")
+        shape = tuple(x.shape)
+    else:
+        arr = np.asarray(x)
+        if arr.dtype.kind not in "fiu":
+            raise TypeError(f"{name} must hold real numbers, got dtype {arr.dtype}")
+        shape = arr.shape
+    if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)):
+        raise ValueError(f"{name} must be 1-D or a column [N, 1], got shape {shape}")
+    if shape[0] == 0:
+        raise ValueError(f"{name} is empty")
+    t = x if is_torch else torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float64))
+    t = t.reshape(-1).to(torch.float64).contiguous()
+    bad = ~torch.isfinite(t)
+    if bad.any():  # one host sync, before any work
+        idx = bad.nonzero().flatten()
+        first = ", ".join(str(i) for i in idx[:5].tolist())
+        raise ValueError(f"{name} has {idx.numel()} NaN or infinite value(s), first at index {first}")
+    return t, is_torch
+
+
+def _output(t, is_torch):
+    return t if is_torch else t.cpu().numpy()
+
+
+def _check_random_state(seed):
+    """sklearn.utils.check_random_state without importing scikit-learn (2 s)."""
+    if seed is None:
+        return np.random.mtrand._rand
+    if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
+        return np.random.RandomState(seed)
+    if isinstance(seed, np.random.RandomState):
+        return seed
+    raise TypeError(f"random_state must be None, an int or a numpy RandomState, got {seed!r}")
+
+
+# ----------------------------------------------------------------------------- k-means init
+
+
+def _first_center(n, u):
+    """RandomState.choice(n, p=ones(n) / n) given its uniform draw u, in O(1) where exact.
+
+    numpy returns searchsorted(cumsum(p) / cumsum(p)[-1], u, "right"). That cumsum is (i + 1) / n
+    up to about 3 n^2 eps in units of 1/n, so floor(u n) is the answer unless u n is that close to
+    an integer; then the cumsum is done as numpy does it.
+    """
+    t = u * n
+    i = math.floor(t)
+    if min(t - i, i + 1 - t) > 4.0 * n * n * np.finfo(np.float64).eps + 1e-12:
+        return min(i, n - 1)
+    cdf = np.full(n, 1.0 / n).cumsum()
+    cdf /= cdf[-1]
+    return int(cdf.searchsorted(u, side="right"))
+
+
+def _sq_dist(xc, x_sq, c):
+    """sklearn's euclidean_distances(c, X, squared=True) in one dimension, same operation order."""
+    return ((-2.0 * (xc * c)) + c * c + x_sq).clamp_(min=0.0)
+
+
+def _lloyd_labels(xc, centers):
+    """sklearn's Lloyd assignment: argmin_j (|c_j|^2 - 2 x c_j), ties to the lower index."""
+    d0 = centers[0] * centers[0] + (-2.0 * (xc * centers[0]))
+    d1 = centers[1] * centers[1] + (-2.0 * (xc * centers[1]))
+    return d1 < d0
+
+
+def _kmeans2_labels(x, random_state):
+    """Labels (bool, True = cluster 1) of KMeans(2, n_init=1, random_state).fit(x[:, None]).
+
+    k-means++ (2 + int(log 2) = 2 local trials) on the centred data with the same draws, then Lloyd
+    (max_iter 300, tol = 1e-4 * var(x)): stop when the labels repeat (strict) or the squared
+    centre shift <= tol, then relabel with the final centres if not strict. Returns (labels,
+    n_distinct): n_distinct == 1 when a cluster came out empty (a single distinct value).
+    """
+    n = x.numel()
+    xc = x - x.mean()
+    x_sq = xc * xc
+    rs = random_state
+    c0 = xc[_first_center(n, rs.random_sample())]
+    closest = _sq_dist(xc, x_sq, c0)
+    rand = torch.as_tensor(rs.uniform(size=2), dtype=torch.float64, device=x.device)
+    cand = torch.searchsorted(closest.cumsum(0), rand * closest.sum()).clamp_(max=n - 1)
+    pots = torch.stack([torch.minimum(closest, _sq_dist(xc, x_sq, xc[i])).sum() for i in cand])
+    centers = torch.stack([c0, xc[cand[torch.argmin(pots)]]])
+
+    tol = float(x_sq.mean()) * _KMEANS_TOL  # np.var(X) * tol (xc is centred)
+    total = xc.sum()
+    labels_old, strict = None, False
+    for _ in range(_KMEANS_MAX_ITER):
+        labels = _lloyd_labels(xc, centers)
+        n1 = labels.sum()
+        if int(n1) in (0, n):  # empty cluster: only when every value is the same
+            return torch.zeros(n, dtype=torch.bool, device=x.device), 1
+        s1 = torch.where(labels, xc, 0.0).sum()
+        new = torch.stack([(total - s1) / (n - n1), s1 / n1])
+        shift = float(((new - centers) ** 2).sum())
+        centers = new
+        if labels_old is not None and torch.equal(labels, labels_old):
+            strict = True
+            break
+        if shift <= tol:
+            break
+        labels_old = labels
+    if not strict:
+        labels = _lloyd_labels(xc, centers)
+    return labels, 2
+
+
+def _kmeans_init(x, n_components, random_state, reg_covar):
+    """sklearn's kmeans init: KMeans labels, one-hot responsibilities, one M-step (w = nk / N)."""
+    if n_components == 2:
+        labels, distinct = _kmeans2_labels(x, random_state)
+        labels = labels.long()
+    else:
+        from sklearn.cluster import KMeans  # 2 s import, only for K != 2
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            km = KMeans(n_clusters=n_components, n_init=1, random_state=random_state)
+            km.fit(x.cpu().numpy()[:, None])
+        distinct = len(np.unique(km.labels_))
+        labels = torch.as_tensor(km.labels_, dtype=torch.long, device=x.device)
+    if distinct < n_components:
+        warnings.warn(f"Number of distinct clusters ({distinct}) found smaller than n_clusters "
+                      f"({n_components}). Possibly due to duplicate points in the data.",
+                      ConvergenceWarning, stacklevel=4)
+    resp = torch.nn.functional.one_hot(labels, n_components).to(torch.float64)
+    nk = resp.sum(0) + 10 * torch.finfo(torch.float64).eps
+    means = (resp.T @ x) / nk
+    variances = (resp * (x[:, None] - means) ** 2).sum(0) / nk + reg_covar
+    return means, variances, nk / x.numel()
+
+
+# ----------------------------------------------------------------------------- E-steps
+
+
+def _estep2(x, means, variances, weights, bufs=None):
+    """Two-component E-step + shifted sums on the CPU in a few in-place passes.
+
+    With s = log p_1 - log p_0:  r_1 = sigmoid(s), r_0 = 1 - r_1 (absolute error ~1e-16) and
+    lse = log p_0 + softplus(s), softplus(s) = relu(s) - log(max(r_0, r_1)): exact for any s, with a
+    log of a number in [0.5, 1] instead of torch's slow float64 log1p / logaddexp.
+    Parameters are python floats (no tiny-tensor ops); bufs: 7 work vectors like x.
+    Returns (stats [3, 2], sum of lse, r_0, r_1) with r_0, r_1 views into bufs.
+    """
+    (m0, m1), (v0, v1), (w0, w1) = means, variances, weights
+    p0, p1 = 1.0 / math.sqrt(v0), 1.0 / math.sqrt(v1)
+    c0 = math.log(p0) + math.log(w0) - 0.5 * _LOG_2PI
+    c1 = math.log(p1) + math.log(w1) - 0.5 * _LOG_2PI
+    if bufs is None:
+        bufs = torch.empty(7, x.numel(), dtype=x.dtype, device=x.device)
+    d0, d1, q0, q1, r0, r1, tmp = bufs
+    torch.sub(x, m0, out=d0)
+    torch.sub(x, m1, out=d1)
+    torch.mul(d0, d0, out=q0)
+    torch.mul(d1, d1, out=q1)
+    s = torch.mul(q0, 0.5 * p0 * p0, out=tmp).add_(q1, alpha=-0.5 * p1 * p1).add_(c1 - c0)
+    relu_sum = float(torch.clamp(s, min=0.0, out=r0).sum())
+    torch.sigmoid(s, out=r1)
+    torch.neg(r1, out=r0).add_(1.0)
+    log_max = float(torch.maximum(r0, r1, out=tmp).log_().sum())
+    total_ll = relu_sum - log_max + x.numel() * c0 - 0.5 * p0 * p0 * float(q0.sum())
+    stats = torch.tensor([[float(r0.sum()), float(r1.sum())],
+                          [float(r0.dot(d0)), float(r1.dot(d1))],
+                          [float(r0.dot(q0)), float(r1.dot(q1))]], dtype=torch.float64)
+    return stats, total_ll, r0, r1
+
+
+def _estep(x, means, variances, weights, bufs=None):
+    """(stats [3, K] about `means`, sum of lse as a float, responsibilities [N, K])."""
+    if means.numel() == 2 and x.device.type == "cpu":
+        stats, ll, r0, r1 = _estep2(x, means.tolist(), variances.tolist(), weights.tolist(), bufs)
+        return stats, ll, (r0, r1)
+    stats, ll, resp, _ = em_step_reference(x, means, variances, weights)
+    return stats, float(ll), resp
+
+
+# ----------------------------------------------------------------------------- EM loops
+
+
+def _em_torch(x, theta, tol, reg_covar, max_iter):
+    """scikit-learn's EM loop; returns (theta, n_iter, lower_bound, converged)."""
+    bufs = torch.empty(7, x.numel(), dtype=x.dtype) if x.device.type == "cpu" else None
+    lower_bound = -math.inf
+    for n_iter in range(1, max_iter + 1):
+        stats, ll, _ = _estep(x, *theta, bufs)
+        theta = m_step_reference(stats.to(x.device), theta[0], reg_covar)
+        prev, lower_bound = lower_bound, ll / x.numel()
+        if abs(lower_bound - prev) < tol:
+            return theta, n_iter, lower_bound, True
+    return theta, max_iter, lower_bound, False
+
+
+def _em_triton(x, theta, tol, reg_covar, max_iter):
+    """The same loop with the fused kernel: no host sync except every CHECK_EVERY iterations, when
+    the lower bounds so far are read, and the fit rolls back to the first iteration c with
+    |L_c - L_{c-1}| < tol: theta_c = M-step of iteration c's sums, exactly what the loop returns."""
+    plan = EMPlan(x, theta[0].numel(), max_iter)
+    plan.set_params(0, *theta)
+    bounds, converged_at, checked = [], None, 1
+    for it in range(1, max_iter + 1):
+        plan.launch(it, reg_covar, from_stats=it >= 2)
+        if it % CHECK_EVERY == 0 or it == max_iter:
+            bounds = plan.lower_bounds(it).tolist()  # the host sync
+            for c in range(checked + 1, it + 1):
+                if abs(bounds[c - 1] - bounds[c - 2]) < tol:
+                    converged_at = c
+                    break
+            checked = it
+            if converged_at is not None:
+                break
+    c = converged_at or max_iter
+    stats, _ = plan.sums(c)
+    theta = m_step_reference(stats, plan.get_params(c - 1)[0], reg_covar)
+    return theta, c, bounds[c - 1], converged_at is not None
+
+
+class _SingleThread:
+    """torch CPU ops on 1 thread while fitting: at these sizes OpenMP gains little, and on a busy
+    2-core machine a second thread makes each small op 10-100x slower (measured)."""
+
+    def __init__(self, device):
+        self.active = device.type == "cpu" and torch.get_num_threads() != 1
+
+    def __enter__(self):
+        if self.active:
+            self.old = torch.get_num_threads()
+            torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        if self.active:
+            torch.set_num_threads(self.old)
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+class GaussianMixture1D:
+    """scikit-learn's GaussianMixture(covariance_type="full", n_init=1) for 1-D data, fast.
+
+    fit(x) -> self; predict_proba(x) [N, K]; predict(x) [N]; score_samples(x) [N] (log density).
+    x: numpy array / array-like or torch tensor, [N] or [N, 1], any real dtype; computed in float64
+    on x's device. numpy in -> numpy out; torch in -> torch out (float64) on x's device. Fitted
+    attributes follow the type of the data given to fit: means_ [K], variances_ [K], covariances_
+    [K, 1, 1] (sklearn's shape), weights_ [K]; converged_, n_iter_, lower_bound_ (python scalars).
+    Unlike sklearn, means_ is 1-D. backend: "torch", "triton" (fused kernel; CUDA tensors, or CPU
+    tensors under TRITON_INTERPRET=1) or "auto" (triton for CUDA tensors, else torch).
+    """
+
+    def __init__(self, n_components=2, tol=1e-3, reg_covar=1e-6, max_iter=100,
+                 init_params="kmeans", random_state=0, backend="auto"):
+        if isinstance(n_components, bool) or not isinstance(n_components, (int, np.integer)) \
+                or n_components < 1:
+            raise ValueError(f"n_components must be a positive int, got {n_components!r}")
+        if isinstance(max_iter, bool) or not isinstance(max_iter, (int, np.integer)) or max_iter < 0:
+            raise ValueError(f"max_iter must be an int >= 0, got {max_iter!r}")
+        for name, value in (("tol", tol), ("reg_covar", reg_covar)):
+            if not isinstance(value, (int, float, np.floating)) or not value >= 0:
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+        if init_params != "kmeans":
+            raise ValueError(f"init_params must be 'kmeans' (the only one implemented), got "
+                             f"{init_params!r}")
+        if backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+        _check_random_state(random_state)  # type check now, draws at fit
+        self.n_components, self.tol, self.reg_covar = int(n_components), float(tol), float(reg_covar)
+        self.max_iter, self.init_params = int(max_iter), init_params
+        self.random_state, self.backend = random_state, backend
+
+    def _backend_for(self, x):
+        if self.backend == "triton" or (self.backend == "auto" and x.is_cuda):
+            if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+                raise ValueError("backend='triton' needs a CUDA tensor (or TRITON_INTERPRET=1 set "
+                                 "before triton is imported, to run the kernel on the CPU)")
+            return _em_triton
+        return _em_torch
+
+    def fit(self, x):
+        t, is_torch = _as_tensor(x)
+        return self._fit(t, is_torch)
+
+    def _fit(self, t, is_torch):
+        n, k = t.numel(), self.n_components
+        if n < max(2, k):
+            raise ValueError(f"need at least max(2, n_components) = {max(2, k)} samples, got {n}")
+        em = self._backend_for(t)
+        with _SingleThread(t.device):
+            theta = _kmeans_init(t, k, _check_random_state(self.random_state), self.reg_covar)
+            if self.max_iter == 0:
+                n_iter, lower_bound, converged = 0, -math.inf, False
+            else:
+                theta, n_iter, lower_bound, converged = em(t, theta, self.tol, self.reg_covar,
+                                                           self.max_iter)
+        if not converged and self.max_iter > 0:
+            warnings.warn("Best performing initialization did not converge. Try different init "
+                          "parameters, or increase max_iter, tol, or check for degenerate data.",
+                          ConvergenceWarning, stacklevel=3)
+        self._theta = theta
+        self.means_, self.variances_, self.weights_ = (_output(p, is_torch) for p in theta)
+        self.covariances_ = self.variances_.reshape(k, 1, 1)
+        self.converged_, self.n_iter_, self.lower_bound_ = converged, n_iter, lower_bound
+        return self
+
+    def _params_on(self, device):
+        if not hasattr(self, "_theta"):
+            raise RuntimeError("this GaussianMixture1D is not fitted yet: call fit(x) first")
+        return [p.to(device) for p in self._theta]
+
+    def _resp(self, t):
+        theta = self._params_on(t.device)
+        with _SingleThread(t.device):
+            if self._backend_for(t) is _em_triton:
+                return em_step_triton(t, *theta, store_resp=True)[2]
+            resp = _estep(t, *theta)[2]
+        return torch.stack(resp, 1) if isinstance(resp, tuple) else resp
+
+    def predict_proba(self, x):
+        t, is_torch = _as_tensor(x)
+        return _output(self._resp(t), is_torch)
+
+    def predict(self, x):
+        t, is_torch = _as_tensor(x)
+        return _output(self._resp(t).argmax(1), is_torch)
+
+    def score_samples(self, x):
+        t, is_torch = _as_tensor(x)
+        return _output(em_step_reference(t, *self._params_on(t.device))[3], is_torch)
+
+
+def clean_probability(losses, normalize=False, **gmm_options):
+    """CleaR's clean probability: posterior of the smaller-mean component of a 2-component
+    GaussianMixture1D(**gmm_options) fitted to the per-sample losses.
+
+    normalize=True min-max normalises the losses first (DivideMix); the default uses the raw
+    losses (the released CleaR code). Returns (p_clean [N] float64 in the type and on the device
+    of `losses`, the fitted mixture). Losses with a single distinct value carry no evidence of
+    noise: p_clean = 1 for every sample (the mixture is still fitted and warns, as sklearn).
+    """
+    t, is_torch = _as_tensor(losses, "losses")
+    lo, hi = t.min(), t.max()
+    single_value = bool(lo == hi)
+    if normalize and not single_value:
+        t = (t - lo) / (hi - lo)
+    gmm = GaussianMixture1D(**gmm_options)._fit(t, is_torch)
+    if single_value:
+        p = torch.ones_like(t)
+    else:
+        resp = gmm._resp(t)
+        clean = torch.argmin(gmm._theta[0]).to(resp.device).view(1)  # stays on the device
+        p = resp.index_select(1, clean).squeeze(1)
+    return _output(p, is_torch), gmm
