@@ -1,0 +1,351 @@
+"""RoutedLoRALinear: a frozen linear plus a LoRA adapter that each sample uses or bypasses.
+
+    y = x W^T + b + s * m * dropout(x) A^T B^T,     s = lora_alpha / r,  m in {0, 1} per sample or row
+
+Rows with m == 0 get exactly F.linear(x, W, b), bit for bit, and add nothing to the adapter
+gradients. Three primitives do the LoRA work (the math and the GPU kernels are described in
+clear_fast/kernels/routed_lora.py): shrink (U = m * X A^T), expand (Y += s U B^T in place, routed rows
+only) and grad (P^T Q over routed rows). Each has two implementations:
+
+- CUDA tensors: the Triton kernels, which skip all-bypassed row tiles without a host sync;
+- CPU tensors: plain PyTorch that gathers the routed samples (index_select), works on them alone
+  and adds the result back (index_add_), leaving the bypassed rows untouched.
+
+Each primitive is a torch custom op (torch.library.custom_op with a fake implementation) so that
+torch.compile can trace a model that uses the layer; one torch.autograd.Function composes them with
+the base product (cuBLAS / MKL) into the forward and backward.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["RoutedLoRALinear", "routed_lora_linear"]
+
+_BACKENDS = ("auto", "torch", "triton")
+
+
+def _kernels():
+    # Imported on first use: the CPU path must work where Triton is not installed.
+    from clear_fast.kernels import routed_lora
+    return routed_lora
+
+
+def _use_triton(t: Tensor, backend: str) -> bool:
+    if backend == "triton":
+        if not t.is_cuda:
+            import os
+            if os.environ.get("TRITON_INTERPRET") != "1":
+                raise RuntimeError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set "
+                                   "before triton is first imported (the interpreter is for tests)")
+        return True
+    return backend == "auto" and t.is_cuda
+
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ------------------------------------------------------------ CPU path: gather the routed samples
+# The tensors are viewed as [G, rows_per_mask, ...]: one group per mask entry (a sample, or a row).
+def _routed_groups(mask):
+    return mask.nonzero().squeeze(1)
+
+
+def _gather(t, idx, rows_per_mask, n_groups):
+    if idx.numel() == n_groups:  # everything routed: no copy
+        return t
+    return t.reshape(n_groups, rows_per_mask, -1).index_select(0, idx).reshape(-1, t.shape[1])
+
+
+def _shrink_torch(x, w, mask, rows_per_mask):
+    idx, G = _routed_groups(mask), mask.numel()
+    acc, cd = _acc_dtype(x.dtype), torch.promote_types(x.dtype, w.dtype)
+    m = mask.index_select(0, idx).to(acc).repeat_interleave(rows_per_mask)[:, None]
+    val = (_gather(x, idx, rows_per_mask, G).to(cd) @ w.to(cd).T).to(acc) * m
+    if idx.numel() == G:
+        return val
+    u = torch.zeros((x.shape[0], w.shape[0]), dtype=acc, device=x.device)
+    u.view(G, rows_per_mask, -1).index_copy_(0, idx, val.view(-1, rows_per_mask, u.shape[1]))
+    return u
+
+
+def _expand_torch_(y, u, w, mask, rows_per_mask, scaling):
+    idx, G = _routed_groups(mask), mask.numel()
+    if idx.numel() == 0:
+        return
+    cd = torch.promote_types(y.dtype, w.dtype)
+    delta = (_gather(u, idx, rows_per_mask, G).to(cd) @ w.to(cd).T).to(y.dtype)
+    if idx.numel() == G:
+        y.add_(delta, alpha=scaling)
+    else:
+        y.view(G, rows_per_mask, -1).index_add_(0, idx, delta.view(-1, rows_per_mask, y.shape[1]),
+                                                alpha=scaling)
+
+
+def _grad_torch(p, q, mask, rows_per_mask):
+    idx, G = _routed_groups(mask), mask.numel()
+    acc = _acc_dtype(q.dtype)
+    if idx.numel() == 0:
+        return q.new_zeros((p.shape[1], q.shape[1]), dtype=acc)
+    return _gather(p, idx, rows_per_mask, G).to(acc).T @ _gather(q, idx, rows_per_mask, G).to(acc)
+
+
+# ------------------------------------------------------------ the primitives as torch custom ops
+@torch.library.custom_op("clear_fast::lora_shrink", mutates_args=())
+def _shrink_op(x: Tensor, w: Tensor, mask: Tensor, rows_per_mask: int, backend: str) -> Tensor:
+    if _use_triton(x, backend):
+        return _kernels().lora_shrink(x, w, mask, rows_per_mask)
+    return _shrink_torch(x, w, mask, rows_per_mask)
+
+
+@_shrink_op.register_fake
+def _(x, w, mask, rows_per_mask, backend):
+    return x.new_empty((x.shape[0], w.shape[0]), dtype=_acc_dtype(x.dtype))
+
+
+@torch.library.custom_op("clear_fast::lora_expand_", mutates_args=("y",))
+def _expand_op(y: Tensor, u: Tensor, w: Tensor, mask: Tensor, rows_per_mask: int,
+               scaling: float, backend: str) -> None:
+    if _use_triton(y, backend):
+        _kernels().lora_expand_(y, u, w, mask, rows_per_mask, scaling)
+    else:
+        _expand_torch_(y, u, w, mask, rows_per_mask, scaling)
+
+
+@_expand_op.register_fake
+def _(y, u, w, mask, rows_per_mask, scaling, backend):
+    return None
+
+
+@torch.library.custom_op("clear_fast::lora_grad", mutates_args=())
+def _grad_op(p: Tensor, q: Tensor, mask: Tensor, rows_per_mask: int, backend: str) -> Tensor:
+    if _use_triton(q, backend):
+        return _kernels().lora_grad(p, q, mask, rows_per_mask)
+    return _grad_torch(p, q, mask, rows_per_mask)
+
+
+@_grad_op.register_fake
+def _(p, q, mask, rows_per_mask, backend):
+    return q.new_empty((p.shape[1], q.shape[1]), dtype=_acc_dtype(q.dtype))
+
+
+# ------------------------------------------------------------ autograd
+class RoutedLoRAFunction(torch.autograd.Function):
+    """Routed LoRA on 2-D inputs. x [M, in]; x_lora (dropout(x)) or None for x itself;
+    mask [G] float (row i uses mask[i // rows_per_mask]). Use routed_lora_linear, which checks."""
+
+    @staticmethod
+    def forward(ctx, x, x_lora, weight, bias, lora_A, lora_B, scaling, mask, rows_per_mask, backend):
+        xl = x if x_lora is None else x_lora
+        out = F.linear(x, weight, bias)
+        u = _shrink_op(xl, lora_A, mask, rows_per_mask, backend)
+        _expand_op(out, u, lora_B, mask, rows_per_mask, scaling, backend)
+        ctx.save_for_backward(x, x_lora, weight, lora_A, lora_B, mask, u)
+        ctx.scaling, ctx.rows_per_mask, ctx.backend = scaling, rows_per_mask, backend
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, x_lora, weight, lora_A, lora_B, mask, u = ctx.saved_tensors
+        s, rpm, backend = ctx.scaling, ctx.rows_per_mask, ctx.backend
+        need = ctx.needs_input_grad
+        dy = dy.contiguous()
+        xl = x if x_lora is None else x_lora
+        g = _shrink_op(dy, lora_B.T, mask, rpm, backend)  # m * dY B, [M, r]
+        dx = dx_lora = dW = db = dA = dB = None
+        if need[0]:
+            dx = dy @ weight
+        if need[0] and x_lora is None:
+            _expand_op(dx, g, lora_A.T, mask, rpm, s, backend)  # dx += s m (dY B) A, in place
+        if need[1] and x_lora is not None:
+            dx_lora = torch.zeros_like(x_lora)
+            _expand_op(dx_lora, g, lora_A.T, mask, rpm, s, backend)
+        if need[2]:
+            dW = dy.T @ x  # only when the user made the frozen weight trainable
+        if need[3] and ctx.has_bias:
+            db = dy.sum(0)
+        if need[4]:
+            dA = (_grad_op(g, xl, mask, rpm, backend) * s).to(lora_A.dtype)
+        if need[5]:
+            dB = (_grad_op(u, dy, mask, rpm, backend) * s).T.to(lora_B.dtype)
+        return dx, dx_lora, dW, db, dA, dB, None, None, None, None
+
+
+# ------------------------------------------------------------ input checks
+def _check(x, weight, bias, lora_A, lora_B, mask, x_lora, backend):
+    """Validate the inputs; returns (mask as a float [G] tensor, rows per mask entry)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+    if x.dim() < 2:
+        raise ValueError(f"x must have shape [batch, ..., in_features], got shape {tuple(x.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [out_features, in_features], got {tuple(weight.shape)}")
+    out_f, in_f = weight.shape
+    if x.shape[-1] != in_f:
+        raise ValueError(f"feature size mismatch: x has {x.shape[-1]} features in its last "
+                         f"dimension but weight expects in_features={in_f}")
+    if lora_A.dim() != 2 or lora_A.shape[0] < 1:
+        raise ValueError(f"lora_A must be [r, in_features] with rank r >= 1, got {tuple(lora_A.shape)}")
+    r = lora_A.shape[0]
+    if lora_A.shape[1] != in_f:
+        raise ValueError(f"lora_A has shape {tuple(lora_A.shape)}, expected [r, {in_f}]")
+    if tuple(lora_B.shape) != (out_f, r):
+        raise ValueError(f"lora_B has shape {tuple(lora_B.shape)}, expected [{out_f}, {r}]")
+    if bias is not None and tuple(bias.shape) != (out_f,):
+        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected [{out_f}]")
+    for name, t in (("weight", weight), ("bias", bias), ("lora_A", lora_A), ("lora_B", lora_B),
+                    ("x_lora", x_lora), ("mask", mask)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"x is {x.dtype} but the frozen {name} is {t.dtype}: cast the input "
+                            f"or the layer (e.g. layer.to({x.dtype}))")
+    for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be floating point, got {t.dtype}")
+    if x_lora is not None and (x_lora.shape != x.shape or x_lora.dtype != x.dtype):
+        raise ValueError(f"x_lora must match x ({tuple(x.shape)}, {x.dtype}), "
+                         f"got {tuple(x_lora.shape)}, {x_lora.dtype}")
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    rows = math.prod(x.shape[:-1])
+    if mask is None:
+        return torch.ones(1, device=x.device, dtype=torch.float32), max(rows, 1)
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool and not mask.is_floating_point():
+        raise TypeError(f"mask must be bool or floating point (0/1), got dtype {mask.dtype}")
+    if mask.dim() != 1 or mask.numel() not in (x.shape[0], rows):
+        raise ValueError(f"mask has shape {tuple(mask.shape)}; expected [{x.shape[0]}] (one value "
+                         f"per sample) or [{rows}] (one per row) for x of shape {tuple(x.shape)}")
+    m = mask.to(torch.float32)
+    # Checking the values costs a host sync: done in eager CPU calls only, never on the GPU path
+    # nor while torch.compile traces (it would break the graph).
+    if not m.is_cuda and not torch.compiler.is_compiling() and bool(((m != 0) & (m != 1)).any()):
+        raise ValueError("mask values must be 0 or 1 (or bool); got other values")
+    return m, rows // mask.numel() if mask.numel() else 1
+
+
+def routed_lora_linear(x, weight, bias, lora_A, lora_B, scaling, mask=None, *, x_lora=None,
+                       backend="auto"):
+    """y = x W^T + b + scaling * m * x_lora A^T B^T, bypassed rows exactly F.linear(x, W, b).
+
+    x [..., in]; mask [B] per sample (B = x.shape[0]) or [M] per row (M = rows of x), bool or float
+    0/1, None = every row routed. x_lora: the LoRA input (dropout(x)); None means x.
+    backend: "auto" (Triton on CUDA, gather path on CPU), "torch" or "triton" (on CPU tensors only
+    under TRITON_INTERPRET=1, for tests).
+    """
+    mask_f, rows_per_mask = _check(x, weight, bias, lora_A, lora_B, mask, x_lora, backend)
+    in_f = weight.shape[1]
+    x2 = x.reshape(-1, in_f)
+    xl2 = None if x_lora is None else x_lora.reshape(-1, in_f)
+    if x2.shape[0] == 0:
+        return F.linear(x, weight, bias)
+    out = RoutedLoRAFunction.apply(x2, xl2, weight, bias, lora_A, lora_B, float(scaling), mask_f,
+                                   rows_per_mask, backend)
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+# ------------------------------------------------------------ the module
+class RoutedLoRALinear(nn.Module):
+    """A frozen nn.Linear plus a LoRA adapter (peft's names and initialisation) routed per sample.
+
+    forward(x, mask=None): mask [B] per sample or [M] per row; when None, `self.routing_mask` is
+    used (set it before calling a whole model whose code calls the layer with one argument);
+    when that is None too, every row is routed. lora_dropout applies to the LoRA input only, in
+    training mode. While merged (merge()), forward is the merged linear and ignores any mask.
+    """
+
+    def __init__(self, in_features, out_features, r=8, lora_alpha=8, lora_dropout=0.0, bias=True,
+                 device=None, dtype=None):
+        super().__init__()
+        if not isinstance(r, int) or r < 1:
+            raise ValueError(f"rank r must be an integer >= 1, got {r!r}")
+        if in_features < 1 or out_features < 1:
+            raise ValueError(f"in_features and out_features must be >= 1, got {in_features}, "
+                             f"{out_features}")
+        if not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
+        f = {"device": device, "dtype": dtype}
+        self.in_features, self.out_features = in_features, out_features
+        self.r, self.lora_alpha = r, lora_alpha
+        self.scaling = lora_alpha / r
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **f), requires_grad=False)
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, **f), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, **f))
+        self.lora_B = nn.Parameter(torch.empty(out_features, r, **f))
+        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.routing_mask = None
+        self.merged = False
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        # Frozen part as nn.Linear initialises it; adapter as peft: A Kaiming-uniform, B zero.
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self):
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    @classmethod
+    def from_linear(cls, linear, r=8, lora_alpha=8, lora_dropout=0.0):
+        """Wrap an nn.Linear: the new layer shares its weight and bias storage (frozen here; the
+        original parameters keep their requires_grad). merge() therefore changes both."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        layer = cls(linear.in_features, linear.out_features, r=r, lora_alpha=lora_alpha,
+                    lora_dropout=lora_dropout, bias=linear.bias is not None,
+                    device=linear.weight.device, dtype=linear.weight.dtype)
+        layer.weight = nn.Parameter(linear.weight.detach(), requires_grad=False)
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
+        return layer
+
+    def forward(self, x, mask=None):
+        if mask is None:
+            mask = self.routing_mask
+        if self.merged:
+            return F.linear(x, self.weight, self.bias)
+        x_lora = self.lora_dropout(x) if self.training and isinstance(self.lora_dropout, nn.Dropout) \
+            else None
+        return routed_lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
+                                  mask, x_lora=x_lora)
+
+    def _delta_weight(self):
+        return (self.lora_B @ self.lora_A * self.scaling).to(self.weight.dtype)
+
+    @torch.no_grad()
+    def merge(self):
+        """W += s B A: inference at the cost of F.linear, every row adapted (the mask is ignored)."""
+        if self.merged:
+            raise RuntimeError("RoutedLoRALinear is already merged")
+        self.weight.add_(self._delta_weight())
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        """W -= s B A: back to the routed layer (exact up to floating-point rounding)."""
+        if not self.merged:
+            raise RuntimeError("RoutedLoRALinear is not merged")
+        self.weight.sub_(self._delta_weight())
+        self.merged = False
+
+    def extra_repr(self):
+        p = self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) else 0.0
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, r={self.r}, lora_alpha={self.lora_alpha}, "
+                f"scaling={self.scaling:g}, lora_dropout={p}, merged={self.merged}")

@@ -1,0 +1,401 @@
+"""RoutedLoRALinear and routed_lora_linear: the CPU (gather) path, the module, peft parity, errors.
+
+The numerical helpers here are also used by test_lora_kernels.py for the Triton path.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from clear_fast.kernels.routed_lora import (routed_lora_reference_dense,
+                                            routed_lora_reference_dual_path)
+from clear_fast.lora import RoutedLoRALinear, routed_lora_linear
+
+# Tolerance rule (performance.md): |out - ref64| <= 2 |torch_lowprec - ref64| + atol, as max norms.
+ATOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2, torch.float64: 1e-10}
+NAMES = ("out", "grad x", "grad lora_A", "grad lora_B")
+
+
+def make_mask(kind, batch, rows, gen):
+    """Masks for x with `batch` samples and `rows` rows in all."""
+    if kind == "none":
+        return None
+    if kind == "sample":  # per sample, bool, both values present when batch >= 2
+        m = torch.rand(batch, generator=gen) < 0.5
+        m[0], m[-1] = True, batch < 2
+        return m
+    if kind == "row":  # per row, float 0/1
+        m = (torch.rand(rows, generator=gen) < 0.5).float()
+        m[0] = 1.0
+        return m
+    if kind == "all_bypassed":
+        return torch.zeros(batch, dtype=torch.bool)
+    if kind == "all_routed":
+        return torch.ones(batch)
+    raise ValueError(kind)
+
+
+def make_problem(shape, d_out, r, bias=True, seed=0):
+    """float64 inputs: x of `shape`, W, b, A, B, an upstream gradient, and a generator."""
+    gen = torch.Generator().manual_seed(seed)
+    d_in = shape[-1]
+    p = {
+        "x": torch.randn(shape, generator=gen, dtype=torch.float64),
+        "weight": torch.randn(d_out, d_in, generator=gen, dtype=torch.float64) / math.sqrt(d_in),
+        "bias": torch.randn(d_out, generator=gen, dtype=torch.float64) if bias else None,
+        "lora_A": torch.randn(r, d_in, generator=gen, dtype=torch.float64) / math.sqrt(d_in),
+        "lora_B": torch.randn(d_out, r, generator=gen, dtype=torch.float64),
+        "dy": torch.randn(*shape[:-1], d_out, generator=gen, dtype=torch.float64),
+    }
+    return p, gen
+
+
+def run(fn, p, mask, dtype, adapter_dtype, scaling=0.5):
+    """Forward + backward of fn in the given dtypes; returns out and grads of x, lora_A, lora_B."""
+    x = p["x"].to(dtype, copy=True).requires_grad_()
+    A = p["lora_A"].to(adapter_dtype, copy=True).requires_grad_()
+    B = p["lora_B"].to(adapter_dtype, copy=True).requires_grad_()
+    bias = None if p["bias"] is None else p["bias"].to(dtype)
+    y = fn(x, p["weight"].to(dtype), bias, A, B, scaling, mask)
+    y.backward(p["dy"].to(dtype))
+    return y.detach(), x.grad, A.grad, B.grad
+
+
+def check_case(backend, shape, d_out, r, dtype, mask_kind, bias=True, adapter_dtype=None, seed=0):
+    """Output and every gradient of `backend` against float64, with the tolerance rule; bypassed
+    rows bit-identical to F.linear."""
+    adapter_dtype = adapter_dtype or dtype
+    p, gen = make_problem(shape, d_out, r, bias, seed)
+    rows = math.prod(shape[:-1])
+    mask = make_mask(mask_kind, shape[0], rows, gen)
+
+    def ours(*args):
+        return routed_lora_linear(*args, backend=backend)
+
+    ref = run(routed_lora_reference_dense, p, mask, torch.float64, torch.float64)
+    low = run(routed_lora_reference_dense, p, mask, dtype, adapter_dtype)
+    got = run(ours, p, mask, dtype, adapter_dtype)
+    for name, g, lo, rf in zip(NAMES, got, low, ref):
+        assert g.dtype == lo.dtype, f"{name}: dtype {g.dtype}, expected {lo.dtype}"
+        err = (g.double() - rf).abs().max().item()
+        bound = 2 * (lo.double() - rf).abs().max().item() + ATOL[dtype]
+        assert err <= bound, f"{name}: error {err:.3g} > bound {bound:.3g}"
+    if mask is not None:
+        x = p["x"].to(dtype)
+        bias = None if p["bias"] is None else p["bias"].to(dtype)
+        frozen = F.linear(x, p["weight"].to(dtype), bias)
+        off = (mask == 0) if mask.numel() == shape[0] else (mask == 0).reshape(shape[:-1])
+        assert torch.equal(got[0][off], frozen[off]), "bypassed rows differ from F.linear"
+
+
+def check_bypassed_do_not_touch_adapter_grads(backend, dtype=torch.float32):
+    """Perturbing a bypassed sample's input leaves the adapter gradients bit-identical."""
+    p, _ = make_problem((4, 70, 40), 24, 4)
+    mask = torch.tensor([True, False, True, False])
+
+    def grads(x):
+        x = x.to(dtype, copy=True).requires_grad_()
+        A = p["lora_A"].to(dtype, copy=True).requires_grad_()
+        B = p["lora_B"].to(dtype, copy=True).requires_grad_()
+        y = routed_lora_linear(x, p["weight"].to(dtype), p["bias"].to(dtype), A, B, 0.5, mask,
+                               backend=backend)
+        y.backward(p["dy"].to(dtype))
+        return A.grad, B.grad
+
+    gA, gB = grads(p["x"])
+    x2 = p["x"].clone()
+    x2[1] += 10 * torch.randn_like(x2[1])
+    x2[3] = float("nan")  # not even a NaN may leak from a bypassed sample
+    gA2, gB2 = grads(x2)
+    assert torch.equal(gA, gA2) and torch.equal(gB, gB2)
+
+
+def gradcheck_case(backend, shape=(3, 5, 7), d_out=6, r=2):
+    p, _ = make_problem(shape, d_out, r)
+    mask = torch.tensor([1.0, 0.0, 1.0])
+    x, A, B = (p[k].clone().requires_grad_() for k in ("x", "lora_A", "lora_B"))
+    W, b = p["weight"].clone().requires_grad_(), p["bias"].clone().requires_grad_()
+
+    def f(x, W, b, A, B):
+        return routed_lora_linear(x, W, b, A, B, 0.75, mask, backend=backend)
+
+    assert torch.autograd.gradcheck(f, (x, W, b, A, B))
+
+
+# ------------------------------------------------------------------ CPU path numerics
+CASES = [  # shape, d_out, r, mask kind, bias
+    ((4, 16, 123), 45, 8, "sample", True),
+    ((3, 37, 64), 123, 1, "sample", False),  # seq not a tile multiple, rank 1
+    ((50, 33), 17, 4, "row", True),  # 2-D input, per-row mask
+    ((6, 5, 32), 32, 3, "row", True),  # 3-D input, per-row mask
+    ((5, 9, 40), 24, 8, "none", True),
+    ((5, 9, 40), 24, 8, "all_bypassed", True),
+    ((5, 9, 40), 24, 8, "all_routed", False),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape,d_out,r,mask_kind,bias", CASES)
+def test_torch_path_matches_float64(shape, d_out, r, mask_kind, bias, dtype):
+    check_case("torch", shape, d_out, r, dtype, mask_kind, bias)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_torch_path_fp32_adapter_with_half_activations(dtype):
+    check_case("torch", (4, 12, 48), 40, 4, dtype, "sample", adapter_dtype=torch.float32)
+
+
+def test_torch_path_bypassed_rows_leave_adapter_grads_unchanged():
+    check_bypassed_do_not_touch_adapter_grads("torch")
+
+
+def test_torch_path_gradcheck_float64():
+    gradcheck_case("torch")
+
+
+def test_dual_path_reference_equals_dense_reference():
+    p, gen = make_problem((4, 6, 20), 12, 3)
+    mask = make_mask("sample", 4, 24, gen)
+    args = (p["x"], p["weight"], p["bias"], p["lora_A"], p["lora_B"], 0.5, mask)
+    torch.testing.assert_close(routed_lora_reference_dual_path(*args),
+                               routed_lora_reference_dense(*args), rtol=1e-12, atol=1e-12)
+
+
+def test_trainable_frozen_weight_and_bias_get_gradients():
+    p, gen = make_problem((3, 4, 10), 7, 2)
+    mask = make_mask("sample", 3, 12, gen)
+    grads = []
+    for fn in (routed_lora_linear, routed_lora_reference_dense):
+        W, b = p["weight"].clone().requires_grad_(), p["bias"].clone().requires_grad_()
+        fn(p["x"], W, b, p["lora_A"], p["lora_B"], 0.5, mask).backward(p["dy"])
+        grads.append((W.grad, b.grad))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------------------------------------ the module
+def test_module_contract():
+    layer = RoutedLoRALinear(20, 12, r=4, lora_alpha=8, lora_dropout=0.1)
+    assert (layer.in_features, layer.out_features, layer.r, layer.lora_alpha) == (20, 12, 4, 8)
+    assert layer.scaling == 2.0 and layer.merged is False and layer.routing_mask is None
+    assert layer.weight.shape == (12, 20) and not layer.weight.requires_grad
+    assert layer.bias.shape == (12,) and not layer.bias.requires_grad
+    assert layer.lora_A.shape == (4, 20) and layer.lora_A.requires_grad
+    assert layer.lora_B.shape == (12, 4) and torch.count_nonzero(layer.lora_B) == 0
+    bound = 1 / math.sqrt(20)  # kaiming_uniform(a=sqrt(5)) on fan_in 20, as peft
+    assert layer.lora_A.abs().max() <= bound and layer.lora_A.abs().max() > bound / 2
+    assert [n for n, _ in layer.named_parameters() if _.requires_grad] == ["lora_A", "lora_B"]
+    assert RoutedLoRALinear(5, 3, bias=False).bias is None
+    text = repr(layer)
+    for part in ("in_features=20", "out_features=12", "r=4", "lora_alpha=8", "scaling=2",
+                 "lora_dropout=0.1", "merged=False"):
+        assert part in text
+
+
+def _layer_with_adapter(seed=0, **kw):
+    torch.manual_seed(seed)
+    layer = RoutedLoRALinear(16, 10, r=4, lora_alpha=8, **kw)
+    nn.init.normal_(layer.lora_B)
+    return layer
+
+
+def test_module_routing_mask_attribute_and_argument():
+    layer = _layer_with_adapter()
+    x = torch.randn(3, 5, 16)
+    m = torch.tensor([1.0, 0.0, 1.0])
+    expected = routed_lora_reference_dense(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B,
+                                           layer.scaling, m)
+    torch.testing.assert_close(layer(x, m), expected)
+    layer.routing_mask = m  # as model surgery does before a whole-model forward
+    torch.testing.assert_close(layer(x), expected)
+    everything = layer(x, torch.ones(3))  # an explicit mask wins over the attribute
+    layer.routing_mask = None
+    torch.testing.assert_close(layer(x), everything)
+    assert not torch.allclose(everything, expected)
+
+
+def test_from_linear_shares_frozen_weights():
+    lin = nn.Linear(16, 10)
+    layer = RoutedLoRALinear.from_linear(lin, r=2, lora_alpha=4, lora_dropout=0.2)
+    assert layer.weight.data_ptr() == lin.weight.data_ptr()
+    assert layer.bias.data_ptr() == lin.bias.data_ptr()
+    assert not layer.weight.requires_grad and lin.weight.requires_grad
+    assert (layer.r, layer.scaling, layer.lora_dropout.p) == (2, 2.0, 0.2)
+    x = torch.randn(4, 16)
+    layer.eval()
+    torch.testing.assert_close(layer(x), lin(x), rtol=0, atol=0)  # B = 0: exactly the linear
+    half = RoutedLoRALinear.from_linear(nn.Linear(8, 3, bias=False).to(torch.float16))
+    assert half.bias is None and half.lora_A.dtype == torch.float16
+    with pytest.raises(TypeError, match="expects an nn.Linear"):
+        RoutedLoRALinear.from_linear(nn.Conv1d(2, 2, 1))
+
+
+def test_merge_unmerge_round_trip():
+    layer = _layer_with_adapter()
+    w0 = layer.weight.clone()
+    x = torch.randn(4, 6, 16)
+    routed_all = layer(x)
+    layer.merge()
+    assert layer.merged and "merged=True" in repr(layer)
+    # merged: every row adapted, the mask ignored (documented)
+    torch.testing.assert_close(layer(x, torch.zeros(4)), routed_all, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="already merged"):
+        layer.merge()
+    layer.unmerge()
+    torch.testing.assert_close(layer.weight, w0, rtol=0, atol=1e-6)
+    assert not layer.merged
+    with pytest.raises(RuntimeError, match="not merged"):
+        layer.unmerge()
+
+
+def _peft_pair(dropout):
+    peft = pytest.importorskip("peft")
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(24, 20)
+
+        def forward(self, x):
+            return self.proj(x)
+
+    torch.manual_seed(0)
+    model = peft.get_peft_model(Tiny(), peft.LoraConfig(r=4, lora_alpha=12, lora_dropout=dropout,
+                                                        target_modules=["proj"]))
+    pl = model.base_model.model.proj
+    ours = RoutedLoRALinear.from_linear(pl.base_layer, r=4, lora_alpha=12, lora_dropout=dropout)
+    with torch.no_grad():
+        nn.init.normal_(pl.lora_B["default"].weight)
+        ours.lora_A.copy_(pl.lora_A["default"].weight)
+        ours.lora_B.copy_(pl.lora_B["default"].weight)
+    return model, pl, ours
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_equals_peft_lora_when_every_row_routed(dropout):
+    model, pl, ours = _peft_pair(dropout)
+    x = torch.randn(3, 7, 24)
+    results = []
+    for fwd, a, b in ((model, pl.lora_A["default"].weight, pl.lora_B["default"].weight),
+                      (ours, ours.lora_A, ours.lora_B)):
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(1)  # same dropout draw: peft and we both drop the LoRA input once
+        y = fwd(xi)
+        y.backward(torch.ones_like(y))
+        results.append((y, xi.grad, a.grad, b.grad))
+    for name, p_, o in zip(NAMES, *results):
+        torch.testing.assert_close(o, p_, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_dropout_only_in_training_and_only_on_the_lora_input():
+    layer = _layer_with_adapter(lora_dropout=0.5)
+    x = torch.randn(4, 3, 16)
+    layer.eval()
+    expected = routed_lora_reference_dense(x, layer.weight, layer.bias, layer.lora_A,
+                                           layer.lora_B, layer.scaling, None)
+    torch.testing.assert_close(layer(x), expected)
+    layer.train()
+    m = torch.tensor([0.0, 1.0, 0.0, 1.0])
+    y = layer(x, m)
+    assert torch.equal(y[m == 0], F.linear(x, layer.weight, layer.bias)[m == 0])
+    assert not torch.allclose(y[m == 1], expected[m == 1])  # dropout changed the adapted rows
+
+
+def test_torch_compile_matches_eager():
+    if not hasattr(torch, "compile"):
+        pytest.skip("torch.compile is not available in this torch build")
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lora = _layer_with_adapter()
+            self.head = nn.Linear(10, 3)
+
+        def forward(self, x, m):
+            return self.head(torch.relu(self.lora(x, m)))
+
+    net = Net()
+    x = torch.randn(4, 7, 16)
+    m = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    results = []
+    # aot_eager traces through dynamo and AOTAutograd with fake tensors (what inductor needs
+    # too) without a minutes-long C++ compile on the CI machine.
+    for model in (net, torch.compile(net, backend="aot_eager", fullgraph=False)):
+        net.zero_grad()
+        xi = x.clone().requires_grad_()
+        y = model(xi, m)
+        y.sum().backward()
+        results.append((y.detach(), xi.grad, net.lora.lora_A.grad.clone(),
+                        net.lora.lora_B.grad.clone()))
+    for name, e, c in zip(NAMES, *results):
+        torch.testing.assert_close(c, e, rtol=1e-6, atol=1e-6, msg=name)
+
+
+def test_zero_rows():
+    layer = _layer_with_adapter()
+    assert layer(torch.randn(0, 5, 16)).shape == (0, 5, 10)
+
+
+# ------------------------------------------------------------------ errors
+@pytest.fixture
+def layer():
+    return _layer_with_adapter()
+
+
+def test_error_mask_shape(layer):
+    x = torch.randn(4, 6, 16)
+    with pytest.raises(ValueError, match=r"mask has shape \(5,\); expected \[4\].*or \[24\]"):
+        layer(x, torch.ones(5))
+    with pytest.raises(ValueError, match="mask has shape"):
+        layer(x, torch.ones(4, 6))
+
+
+def test_error_feature_size(layer):
+    with pytest.raises(ValueError, match="feature size mismatch: x has 15 features"):
+        layer(torch.randn(4, 15))
+
+
+def test_error_non_floating_input(layer):
+    with pytest.raises(TypeError, match="x must be a floating-point tensor, got dtype torch.int64"):
+        layer(torch.ones(4, 16, dtype=torch.long))
+
+
+def test_error_mask_dtype_and_values(layer):
+    x = torch.randn(4, 16)
+    with pytest.raises(TypeError, match="mask must be bool or floating point"):
+        layer(x, torch.ones(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="mask values must be 0 or 1"):
+        layer(x, torch.tensor([1.0, 0.5, 0.0, 1.0]))
+
+
+def test_error_mask_on_another_device(layer):
+    if not torch.cuda.is_available():
+        mask = torch.ones(4, device="meta")  # any device other than x's
+    else:
+        mask = torch.ones(4, device="cuda")
+    with pytest.raises(ValueError, match="mask is on .* but x is on cpu"):
+        layer(torch.randn(4, 16), mask)
+
+
+def test_error_rank_and_shapes():
+    with pytest.raises(ValueError, match="rank r must be an integer >= 1, got 0"):
+        RoutedLoRALinear(8, 4, r=0)
+    with pytest.raises(ValueError, match="lora_dropout must be in"):
+        RoutedLoRALinear(8, 4, lora_dropout=1.0)
+    x, W = torch.randn(2, 8), torch.randn(4, 8)
+    with pytest.raises(ValueError, match="rank r >= 1"):
+        routed_lora_linear(x, W, None, torch.randn(0, 8), torch.randn(4, 0), 1.0, None)
+    with pytest.raises(ValueError, match=r"lora_B has shape \(4, 3\), expected \[4, 2\]"):
+        routed_lora_linear(x, W, None, torch.randn(2, 8), torch.randn(4, 3), 1.0, None)
+
+
+def test_error_dtype_mismatch_with_frozen_weight(layer):
+    with pytest.raises(TypeError, match="x is torch.float16 but the frozen weight is torch.float32"):
+        layer(torch.randn(2, 16, dtype=torch.float16))
+
+
+def test_error_backend():
+    x, W, A, B = torch.randn(2, 8), torch.randn(4, 8), torch.randn(2, 8), torch.randn(4, 2)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        routed_lora_linear(x, W, None, A, B, 1.0, None, backend="cuda")
