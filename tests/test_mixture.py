@@ -1,0 +1,236 @@
+"""GaussianMixture1D and clean_probability against scikit-learn, degenerate inputs, errors.
+
+Data are drawn fresh on every run: each case's seed is in its test id, so a failure names it
+(rerun one with e.g. `pytest tests/test_mixture.py -k 12345`).
+"""
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from sklearn.mixture import GaussianMixture
+
+from clear_fast.mixture import (ConvergenceWarning, GaussianMixture1D, _first_center,
+                                clean_probability)
+
+SEEDS = np.random.default_rng().integers(0, 2**31 - 1, size=8).tolist()
+
+
+def draw(kind, rng):
+    """A random 1-D data set of a random size; kinds cover CleaR's losses and harder shapes."""
+    n = int(rng.choice([20, 200, 2000, 10000]) * rng.uniform(0.5, 1.5))
+    if kind == "bimodal":  # two Gaussians, random separation / widths / weights
+        n1 = max(1, int(n * rng.uniform(0.1, 0.9)))
+        sep = rng.uniform(0.5, 8.0)
+        x = np.concatenate([rng.normal(0, 1, n1), rng.normal(sep, rng.uniform(0.2, 3.0), n - n1)])
+    elif kind == "unimodal":
+        x = rng.normal(rng.uniform(-5, 5), rng.uniform(0.01, 10), n)
+    elif kind == "losses":  # near-zero exponential (clean) + larger gamma (noisy), as CleaR sees
+        n_noisy = int(n * rng.uniform(0.05, 0.6))
+        x = np.concatenate([rng.exponential(rng.uniform(0.01, 0.3), n - n_noisy),
+                            rng.gamma(rng.uniform(1, 4), rng.uniform(0.5, 2), n_noisy)])
+    else:  # skewed, heavy right tail
+        x = rng.lognormal(0, rng.uniform(0.3, 1.5), n)
+    return rng.permutation(x)
+
+
+def sklearn_fit(x, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # both may warn (max_iter): compared below
+        return GaussianMixture(2, covariance_type="full", random_state=0, **kw).fit(x[:, None])
+
+
+def assert_matches(ours, ref, x, atol):
+    p_ours, p_ref = ours.predict_proba(x), ref.predict_proba(x[:, None])
+    assert np.abs(p_ours - p_ref).max() <= atol
+    scale = x.std() + 1e-12
+    assert np.allclose(ours.means_, ref.means_.ravel(), rtol=0, atol=10 * atol * scale)
+    assert np.allclose(ours.variances_, ref.covariances_.ravel(), rtol=10 * atol,
+                       atol=10 * atol * scale**2)
+    assert np.allclose(ours.weights_, ref.weights_, rtol=0, atol=10 * atol)
+    assert ours.covariances_.shape == ref.covariances_.shape
+    assert np.argmin(ours.means_) == np.argmin(ref.means_.ravel())  # same clean component
+
+
+@pytest.mark.parametrize("kind", ["bimodal", "unimodal", "losses", "lognormal"])
+@pytest.mark.parametrize("seed", SEEDS)
+def test_matches_sklearn_tight(kind, seed):
+    x = draw(kind, np.random.default_rng(seed))
+    opts = dict(tol=1e-8, max_iter=300)  # unimodal data can need thousands: same cap on both
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        ours = GaussianMixture1D(**opts).fit(x)
+    ref = sklearn_fit(x, **opts)
+    assert ours.converged_ == ref.converged_
+    assert_matches(ours, ref, x, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["bimodal", "losses"])
+@pytest.mark.parametrize("seed", SEEDS[:5])
+def test_matches_sklearn_default_settings(kind, seed):
+    x = draw(kind, np.random.default_rng(seed))
+    ours, ref = GaussianMixture1D().fit(x), sklearn_fit(x)
+    assert_matches(ours, ref, x, atol=1e-3)
+    assert abs(ours.n_iter_ - ref.n_iter_) <= 1
+    assert ours.lower_bound_ == pytest.approx(ref.lower_bound_, rel=1e-6, abs=1e-6)
+    p, gmm = clean_probability(x)
+    p_ref = ref.predict_proba(x[:, None])[:, np.argmin(ref.means_.ravel())]
+    assert np.abs(p - p_ref).max() <= 1e-3
+
+
+@pytest.mark.parametrize("seed", SEEDS[:3])
+def test_released_and_dividemix_options(seed):
+    rng = np.random.default_rng(seed)
+    x = draw("losses", rng)
+    opts = dict(max_iter=10, tol=1e-2, reg_covar=5e-4)  # DivideMix's settings
+    p, gmm = clean_probability(x, normalize=True, random_state=int(seed % 1000), **opts)
+    xn = (x - x.min()) / (x.max() - x.min())
+    ref = GaussianMixture(2, random_state=int(seed % 1000), **opts).fit(xn[:, None])
+    p_ref = ref.predict_proba(xn[:, None])[:, np.argmin(ref.means_.ravel())]
+    assert np.abs(p - p_ref).max() <= 1e-3
+    assert gmm.n_iter_ == ref.n_iter_ and gmm.converged_ == ref.converged_
+
+
+def test_max_iter_semantics_and_warning():
+    x = draw("bimodal", np.random.default_rng(SEEDS[0]))
+    for max_iter in (1, 2):
+        with pytest.warns(ConvergenceWarning, match="did not converge"):
+            ours = GaussianMixture1D(max_iter=max_iter).fit(x)
+        assert not ours.converged_ and ours.n_iter_ == max_iter
+        assert_matches(ours, sklearn_fit(x, max_iter=max_iter), x, atol=1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # max_iter=0: the kmeans init alone, no warning
+        ours = GaussianMixture1D(max_iter=0).fit(x)
+    assert_matches(ours, sklearn_fit(x, max_iter=0), x, atol=1e-6)
+
+
+def test_three_components_use_sklearn_kmeans():
+    rng = np.random.default_rng(SEEDS[1])
+    x = np.concatenate([rng.normal(0, 1, 500), rng.normal(5, 1, 300), rng.normal(12, 2, 200)])
+    ours = GaussianMixture1D(n_components=3, tol=1e-8, max_iter=1000).fit(x)
+    ref = GaussianMixture(3, random_state=0, tol=1e-8, max_iter=1000).fit(x[:, None])
+    assert np.abs(ours.predict_proba(x) - ref.predict_proba(x[:, None])).max() <= 1e-4
+
+
+@pytest.mark.parametrize("seed", SEEDS[:4])
+def test_kmeans_seed_draw_matches_numpy_choice(seed):
+    rng = np.random.default_rng(seed)
+    for n in [2, 3, 7, *rng.integers(2, 10**6, size=20).tolist()]:
+        rs_seed = int(rng.integers(0, 2**31 - 1))
+        ref = np.random.RandomState(rs_seed).choice(n, p=np.ones(n) / n)
+        assert _first_center(n, np.random.RandomState(rs_seed).random_sample()) == ref
+    # the exact fallback near a cdf step
+    for n in (10, 1000, 3 * 10**6):
+        for i in (1, n // 3, n - 1):
+            u = np.nextafter(i / n, 0.0)
+            cdf = np.full(n, 1.0 / n).cumsum()
+            cdf /= cdf[-1]
+            assert _first_center(n, u) == cdf.searchsorted(u, side="right")
+
+
+def test_other_random_states_match_sklearn():
+    x = draw("unimodal", np.random.default_rng(SEEDS[2]))
+    for rs in (1, 7, 12345):
+        ours = GaussianMixture1D(random_state=rs).fit(x)
+        ref = GaussianMixture(2, random_state=rs).fit(x[:, None])
+        assert np.abs(ours.predict_proba(x) - ref.predict_proba(x[:, None])).max() <= 1e-3
+
+
+# ----------------------------------------------------------------------------- types and devices
+
+
+def test_types_shapes_and_dtypes():
+    rng = np.random.default_rng(SEEDS[3])
+    x = draw("losses", rng)
+    p_np, gmm = clean_probability(x)
+    assert isinstance(p_np, np.ndarray) and p_np.dtype == np.float64 and p_np.shape == x.shape
+    assert isinstance(gmm.means_, np.ndarray) and gmm.means_.shape == (2,)
+    p_t, gmm_t = clean_probability(torch.from_numpy(x))
+    assert isinstance(p_t, torch.Tensor) and p_t.dtype == torch.float64
+    assert isinstance(gmm_t.means_, torch.Tensor)
+    assert torch.equal(p_t, torch.from_numpy(p_np))
+    p_col, _ = clean_probability(torch.from_numpy(x)[:, None].float())  # [N, 1] float32
+    assert p_col.shape == (x.size,)
+    assert np.abs(p_col.numpy() - p_np).max() < 1e-3  # float32 rounding of the data only
+    p_list, _ = clean_probability(x.tolist())
+    assert isinstance(p_list, np.ndarray) and np.array_equal(p_list, p_np)
+    ints = rng.integers(0, 5, 300)
+    assert GaussianMixture1D().fit(ints).predict(ints).dtype == np.int64
+    assert gmm.score_samples(x) == pytest.approx(
+        GaussianMixture(2, random_state=0).fit(x[:, None]).score_samples(x[:, None]), abs=1e-4)
+    assert np.array_equal(gmm.predict(x), gmm.predict_proba(x).argmax(1))
+    assert 0.0 <= p_np.min() and p_np.max() <= 1.0
+
+
+def test_thread_count_restored():
+    before = torch.get_num_threads()
+    clean_probability(np.random.default_rng(0).normal(size=500))
+    assert torch.get_num_threads() == before
+
+
+# ----------------------------------------------------------------------------- degenerate input
+
+
+def test_all_equal_losses():
+    with pytest.warns(ConvergenceWarning, match="distinct clusters"):
+        p, gmm = clean_probability(np.full(100, 0.7))
+    assert np.array_equal(p, np.ones(100))
+    ref = sklearn_fit(np.full(100, 0.7))  # the fitted mixture is sklearn's
+    assert np.allclose(np.sort(gmm.means_), np.sort(ref.means_.ravel()))
+    with pytest.warns(ConvergenceWarning):
+        p, _ = clean_probability(torch.zeros(10), normalize=True)
+    assert torch.equal(p, torch.ones(10, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 5, 9])
+def test_very_small_n_matches_sklearn(n):
+    x = np.random.default_rng(SEEDS[4] + n).gamma(2.0, 1.0, n)
+    ours = GaussianMixture1D().fit(x)
+    ref = sklearn_fit(x)
+    assert np.abs(ours.predict_proba(x) - ref.predict_proba(x[:, None])).max() <= 1e-4
+
+
+def test_one_huge_outlier():
+    rng = np.random.default_rng(SEEDS[5])
+    x = rng.exponential(0.5, 5000)
+    x[rng.integers(5000)] = 1e6
+    ours, ref = GaussianMixture1D().fit(x), sklearn_fit(x)
+    assert_matches(ours, ref, x, atol=1e-4)
+    # the outlier forms its own component, with variance reg_covar (no cancellation error)
+    k = int(np.argmax(ours.means_))
+    assert ours.means_[k] == pytest.approx(1e6, rel=1e-14)  # sklearn: 1e6 / (1 + 10 eps)
+    assert ours.variances_[k] == pytest.approx(1e-6, rel=1e-6)
+    p, _ = clean_probability(x)
+    assert p[x == 1e6] < 1e-6 and p[x < 1e6].min() > 1 - 1e-6
+
+
+def test_errors_name_the_problem():
+    with pytest.raises(ValueError, match="empty"):
+        clean_probability(np.array([]))
+    bad = np.arange(20.0)
+    bad[[3, 11]] = np.nan
+    bad[17] = np.inf
+    with pytest.raises(ValueError, match=r"3 NaN or infinite value\(s\), first at index 3, 11, 17"):
+        clean_probability(bad)
+    with pytest.raises(ValueError, match=r"1-D or a column \[N, 1\], got shape \(10, 2\)"):
+        GaussianMixture1D().fit(np.zeros((10, 2)))
+    with pytest.raises(ValueError, match="got shape"):
+        GaussianMixture1D().fit(torch.zeros(2, 3, 4))
+    with pytest.raises(ValueError, match=r"got shape \(\)"):
+        GaussianMixture1D().fit(np.float64(3.0))
+    with pytest.raises(TypeError, match="real numbers"):
+        GaussianMixture1D().fit(np.ones(5, dtype=complex))
+    with pytest.raises(TypeError, match="real numbers"):
+        GaussianMixture1D().fit(torch.ones(5, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"at least max\(2, n_components\) = 2 samples, got 1"):
+        GaussianMixture1D().fit(np.array([1.0]))
+    with pytest.raises(ValueError, match=r"= 3 samples, got 2"):
+        GaussianMixture1D(n_components=3).fit(np.array([1.0, 2.0]))
+    for kw, msg in [(dict(n_components=0), "n_components"), (dict(tol=-1.0), "tol"),
+                    (dict(reg_covar=float("nan")), "reg_covar"), (dict(max_iter=-1), "max_iter"),
+                    (dict(init_params="random"), "init_params"), (dict(backend="cuda"), "backend"),
+                    (dict(random_state="x"), "random_state")]:
+        with pytest.raises((ValueError, TypeError), match=msg):
+            GaussianMixture1D(**kw)
+    with pytest.raises(RuntimeError, match="not fitted"):
+        GaussianMixture1D().predict_proba(np.ones(3))
