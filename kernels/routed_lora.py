@@ -43,6 +43,7 @@ import triton.language as tl
 BLOCK_M = 64  # rows per tile: the routing granularity
 BLOCK_K = 64  # reduction chunk of shrink, column chunk of grad
 BLOCK_N = 64  # output columns per expand program
+GRAD_PROGRAMS = 256  # the adapter-gradient reduction aims at this many programs (fills a GPU)
 
 
 def _interpreting():
@@ -184,8 +185,8 @@ def lora_grad(p, q, mask, rows_per_mask):
     M, K = q.shape
     R = p.shape[1]
     k_tiles, m_tiles = triton.cdiv(K, BLOCK_K), triton.cdiv(M, BLOCK_M)
-    # Enough programs to fill a GPU (~256), each summing a contiguous run of row tiles.
-    splits = max(1, min(m_tiles, 256 // k_tiles))
+    # Enough programs to fill a GPU, each summing a contiguous run of row tiles.
+    splits = max(1, min(m_tiles, GRAD_PROGRAMS // k_tiles))
     tiles_per_split = triton.cdiv(m_tiles, splits)
     splits = triton.cdiv(m_tiles, tiles_per_split)
     acc = acc_dtype(q.dtype)

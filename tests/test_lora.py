@@ -37,7 +37,7 @@ def make_mask(kind, batch, rows, gen):
     raise ValueError(kind)
 
 
-def make_problem(shape, d_out, r, bias=True, seed=0):
+def make_problem(shape, d_out, r, bias=True, seed=0, device="cpu"):
     """float64 inputs: x of `shape`, W, b, A, B, an upstream gradient, and a generator."""
     gen = torch.Generator().manual_seed(seed)
     d_in = shape[-1]
@@ -49,7 +49,7 @@ def make_problem(shape, d_out, r, bias=True, seed=0):
         "lora_B": torch.randn(d_out, r, generator=gen, dtype=torch.float64),
         "dy": torch.randn(*shape[:-1], d_out, generator=gen, dtype=torch.float64),
     }
-    return p, gen
+    return {k: None if v is None else v.to(device) for k, v in p.items()}, gen
 
 
 def run(fn, p, mask, dtype, adapter_dtype, scaling=0.5):
@@ -63,13 +63,15 @@ def run(fn, p, mask, dtype, adapter_dtype, scaling=0.5):
     return y.detach(), x.grad, A.grad, B.grad
 
 
-def check_case(backend, shape, d_out, r, dtype, mask_kind, bias=True, adapter_dtype=None, seed=0):
+def check_case(backend, shape, d_out, r, dtype, mask_kind, bias=True, adapter_dtype=None, seed=0,
+               device="cpu"):
     """Output and every gradient of `backend` against float64, with the tolerance rule; bypassed
     rows bit-identical to F.linear."""
     adapter_dtype = adapter_dtype or dtype
-    p, gen = make_problem(shape, d_out, r, bias, seed)
+    p, gen = make_problem(shape, d_out, r, bias, seed, device)
     rows = math.prod(shape[:-1])
     mask = make_mask(mask_kind, shape[0], rows, gen)
+    mask = None if mask is None else mask.to(device)
 
     def ours(*args):
         return routed_lora_linear(*args, backend=backend)
@@ -112,7 +114,7 @@ def check_bypassed_do_not_touch_adapter_grads(backend, dtype=torch.float32):
     assert torch.equal(gA, gA2) and torch.equal(gB, gB2)
 
 
-def gradcheck_case(backend, shape=(3, 5, 7), d_out=6, r=2):
+def gradcheck_case(backend, shape=(3, 2, 5), d_out=4, r=2):
     p, _ = make_problem(shape, d_out, r)
     mask = torch.tensor([1.0, 0.0, 1.0])
     x, A, B = (p[k].clone().requires_grad_() for k in ("x", "lora_A", "lora_B"))

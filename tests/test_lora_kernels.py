@@ -1,0 +1,105 @@
+"""The Triton path of the routed LoRA layer: on CPU tensors through Triton's interpreter (CI), and on
+a GPU when one is present (tests marked `cuda`). Shapes stay small: the interpreter is slow."""
+import pytest
+import torch
+
+from clear_fast.kernels import routed_lora as K
+from clear_fast.lora import routed_lora_linear
+from test_lora import (check_bypassed_do_not_touch_adapter_grads, check_case, gradcheck_case,
+                       make_problem)
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+CASES = [  # shape, d_out, r, mask kind, bias; row tile is K.BLOCK_M = 64 rows
+    ((4, 16, 123), 45, 8, "sample", True),  # odd in_features, 4 samples in one tile
+    ((2, 37, 64), 123, 1, "sample", False),  # seq 37 does not divide the tile, rank 1
+    ((3, 70, 32), 40, 4, "sample", True),  # tiles that mix routed and bypassed samples
+    ((50, 33), 17, 5, "row", True),  # 2-D input, per-row mask
+    ((4, 5, 32), 32, 3, "row", False),  # 3-D input, per-row mask
+    ((2, 9, 40), 24, 8, "none", True),
+    ((3, 30, 40), 24, 8, "all_bypassed", True),
+    ((3, 30, 40), 24, 8, "all_routed", False),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape,d_out,r,mask_kind,bias", CASES)
+def test_triton_matches_float64(shape, d_out, r, mask_kind, bias, dtype):
+    check_case("triton", shape, d_out, r, dtype, mask_kind, bias)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_fp32_adapter_with_half_activations(dtype):
+    check_case("triton", (3, 20, 48), 40, 4, dtype, "sample", adapter_dtype=torch.float32)
+
+
+def test_triton_bypassed_rows_leave_adapter_grads_unchanged():
+    check_bypassed_do_not_touch_adapter_grads("triton")
+
+
+def test_triton_gradcheck_float64():
+    gradcheck_case("triton")
+
+
+def test_grad_reduction_over_several_tiles_per_program(monkeypatch):
+    # Force each program of the adapter-gradient kernel to sum several row tiles (as on big
+    # batches), some routed and some not.
+    monkeypatch.setattr(K, "GRAD_PROGRAMS", 2)
+    check_case("triton", (5, 64, 16), 16, 2, torch.float32, "sample")
+
+
+def test_launchers_skip_bypassed_tiles_entirely():
+    p, _ = make_problem((3, 64, 32), 24, 4)
+    x, A, B = (p[k].float() for k in ("x", "lora_A", "lora_B"))
+    x2 = x.reshape(-1, 32)
+    mask = torch.tensor([1.0, 0.0, 1.0])
+    u = K.lora_shrink(x2, A, mask, 64)
+    sentinel = torch.full((192, 24), 7.0)
+    K.lora_expand_(sentinel, u, B, mask, 64, 0.5)
+    assert torch.all(sentinel[64:128] == 7.0)  # the bypassed tile was never written
+    expected = 7.0 + 0.5 * (x2[:64] @ A.T) @ B.T
+    torch.testing.assert_close(sentinel[:64], expected, rtol=1e-5, atol=1e-4)
+    u[64:128] = float("nan")  # whatever a skipped tile holds is never read
+    g = K.lora_grad(u, x2, mask, 64)
+    keep = torch.tensor([True] * 64 + [False] * 64 + [True] * 64)
+    torch.testing.assert_close(g, u[keep].T @ x2[keep], rtol=1e-5, atol=1e-4)
+
+
+def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x, W, A, B = torch.randn(2, 8), torch.randn(4, 8), torch.randn(2, 8), torch.randn(4, 2)
+    with pytest.raises(RuntimeError, match="needs TRITON_INTERPRET=1"):
+        routed_lora_linear(x, W, None, A, B, 1.0, None, backend="triton")
+
+
+# ------------------------------------------------------------------ GPU (skipped without CUDA)
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape,d_out,r,mask_kind,bias", CASES + [
+    ((32, 128, 768), 768, 8, "sample", True), ((16, 100, 384), 384, 4, "row", False)])
+def test_cuda_matches_float64(shape, d_out, r, mask_kind, bias, dtype):
+    check_case("auto", shape, d_out, r, dtype, mask_kind, bias, device="cuda")
+
+
+@cuda
+def test_cuda_fp32_adapter_with_bf16_activations():
+    check_case("auto", (8, 128, 256), 192, 8, torch.bfloat16, "sample",
+               adapter_dtype=torch.float32, device="cuda")
+
+
+@cuda
+def test_cuda_path_never_syncs_with_the_host():
+    p, _ = make_problem((8, 128, 256), 256, 8, device="cuda")
+    x = p["x"].to(torch.bfloat16).requires_grad_()
+    A = p["lora_A"].float().requires_grad_()
+    B = p["lora_B"].float().requires_grad_()
+    W, b = p["weight"].to(torch.bfloat16), p["bias"].to(torch.bfloat16)
+    mask = torch.tensor([1, 0, 1, 1, 0, 0, 1, 0], device="cuda", dtype=torch.bool)
+    dy = p["dy"].to(torch.bfloat16)
+    routed_lora_linear(x, W, b, A, B, 0.5, mask).backward(dy)  # warm-up: compile the kernels
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        routed_lora_linear(x, W, b, A, B, 0.5, mask).backward(dy)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
