@@ -93,11 +93,11 @@ def test_released_and_dividemix_options(seed):
 
 def test_max_iter_semantics_and_warning():
     x = draw("bimodal", np.random.default_rng(SEEDS[0]))
-    for max_iter in (1, 2):
+    for max_iter in (1, 2, 3):  # tol=0 never converges: the parameters after exactly max_iter
         with pytest.warns(ConvergenceWarning, match="did not converge"):
-            ours = GaussianMixture1D(max_iter=max_iter).fit(x)
+            ours = GaussianMixture1D(max_iter=max_iter, tol=0.0).fit(x)
         assert not ours.converged_ and ours.n_iter_ == max_iter
-        assert_matches(ours, sklearn_fit(x, max_iter=max_iter), x, atol=1e-6)
+        assert_matches(ours, sklearn_fit(x, max_iter=max_iter, tol=0.0), x, atol=1e-6)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # max_iter=0: the kmeans init alone, no warning
         ours = GaussianMixture1D(max_iter=0).fit(x)
