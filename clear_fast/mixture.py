@@ -29,7 +29,8 @@ import warnings
 import numpy as np
 import torch
 
-from clear_fast.kernels.gmm import EMPlan, em_step_reference, em_step_triton, m_step_reference
+from clear_fast.kernels.gmm import (EPS10, EMPlan, em_step_reference, em_step_triton,
+                                    m_step_reference)
 
 CHECK_EVERY = 8  # triton backend: EM iterations between reads of the lower bounds (host syncs)
 _KMEANS_MAX_ITER, _KMEANS_TOL = 300, 1e-4  # sklearn KMeans defaults
@@ -108,11 +109,12 @@ def _sq_dist(xc, x_sq, c):
     return ((-2.0 * (xc * c)) + c * c + x_sq).clamp_(min=0.0)
 
 
-def _lloyd_labels(xc, centers):
-    """sklearn's Lloyd assignment: argmin_j (|c_j|^2 - 2 x c_j), ties to the lower index."""
-    d0 = centers[0] * centers[0] + (-2.0 * (xc * centers[0]))
-    d1 = centers[1] * centers[1] + (-2.0 * (xc * centers[1]))
-    return d1 < d0
+def _lloyd_labels(xc, centers, bufs, labels):
+    """sklearn's Lloyd assignment argmin_j (c_j^2 + (-2 x c_j)), ties to the lower index, into
+    `labels` (bool, True = cluster 1), with the same rounding as its gemm."""
+    d0 = torch.mul(xc, centers[0], out=bufs[0]).mul_(-2.0).add_(centers[0] * centers[0])
+    d1 = torch.mul(xc, centers[1], out=bufs[1]).mul_(-2.0).add_(centers[1] * centers[1])
+    return torch.lt(d1, d0, out=labels)
 
 
 def _kmeans2_labels(x, random_state):
@@ -122,6 +124,7 @@ def _kmeans2_labels(x, random_state):
     (max_iter 300, tol = 1e-4 * var(x)): stop when the labels repeat (strict) or the squared
     centre shift <= tol, then relabel with the final centres if not strict. Returns (labels,
     n_distinct): n_distinct == 1 when a cluster came out empty (a single distinct value).
+    One host sync per Lloyd iteration (its stopping test), none in the seeding.
     """
     n = x.numel()
     xc = x - x.mean()
@@ -130,30 +133,34 @@ def _kmeans2_labels(x, random_state):
     c0 = xc[_first_center(n, rs.random_sample())]
     closest = _sq_dist(xc, x_sq, c0)
     rand = torch.as_tensor(rs.uniform(size=2), dtype=torch.float64, device=x.device)
-    cand = torch.searchsorted(closest.cumsum(0), rand * closest.sum()).clamp_(max=n - 1)
-    pots = torch.stack([torch.minimum(closest, _sq_dist(xc, x_sq, xc[i])).sum() for i in cand])
-    centers = torch.stack([c0, xc[cand[torch.argmin(pots)]]])
+    cand = xc[torch.searchsorted(closest.cumsum(0), rand * closest.sum()).clamp_(max=n - 1)]
+    pots = torch.minimum(closest, _sq_dist(xc, x_sq, cand[:, None])).sum(1)
+    centers = torch.stack([c0, torch.where(pots[1] < pots[0], cand[1], cand[0])])
 
     tol = float(x_sq.mean()) * _KMEANS_TOL  # np.var(X) * tol (xc is centred)
     total = xc.sum()
-    labels_old, strict = None, False
-    for _ in range(_KMEANS_MAX_ITER):
-        labels = _lloyd_labels(xc, centers)
+    bufs = torch.empty(2, n, dtype=torch.float64, device=x.device)
+    labels, labels_old = torch.empty(2, n, dtype=torch.bool, device=x.device)
+    strict = False
+    for i in range(_KMEANS_MAX_ITER):
+        _lloyd_labels(xc, centers, bufs, labels)
         n1 = labels.sum()
-        if int(n1) in (0, n):  # empty cluster: only when every value is the same
-            return torch.zeros(n, dtype=torch.bool, device=x.device), 1
-        s1 = torch.where(labels, xc, 0.0).sum()
+        s1 = torch.mul(xc, labels, out=bufs[0]).sum()
         new = torch.stack([(total - s1) / (n - n1), s1 / n1])
-        shift = float(((new - centers) ** 2).sum())
+        changed = (labels != labels_old).any() if i else torch.ones((), device=x.device)
+        n1, shift, changed = torch.stack([n1.double(), ((new - centers) ** 2).sum(),
+                                          changed.double()]).tolist()
+        if n1 in (0, n):  # empty cluster: only when every value is the same
+            return torch.zeros(n, dtype=torch.bool, device=x.device), 1
         centers = new
-        if labels_old is not None and torch.equal(labels, labels_old):
+        if not changed:
             strict = True
             break
         if shift <= tol:
             break
-        labels_old = labels
+        labels, labels_old = labels_old, labels
     if not strict:
-        labels = _lloyd_labels(xc, centers)
+        _lloyd_labels(xc, centers, bufs, labels)
     return labels, 2
 
 
@@ -161,24 +168,24 @@ def _kmeans_init(x, n_components, random_state, reg_covar):
     """sklearn's kmeans init: KMeans labels, one-hot responsibilities, one M-step (w = nk / N)."""
     if n_components == 2:
         labels, distinct = _kmeans2_labels(x, random_state)
-        labels = labels.long()
     else:
         from sklearn.cluster import KMeans  # 2 s import, only for K != 2
 
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # its duplicate-points warning is re-issued below
             km = KMeans(n_clusters=n_components, n_init=1, random_state=random_state)
             km.fit(x.cpu().numpy()[:, None])
         distinct = len(np.unique(km.labels_))
-        labels = torch.as_tensor(km.labels_, dtype=torch.long, device=x.device)
+        labels = torch.as_tensor(km.labels_, device=x.device)
     if distinct < n_components:
         warnings.warn(f"Number of distinct clusters ({distinct}) found smaller than n_clusters "
                       f"({n_components}). Possibly due to duplicate points in the data.",
                       ConvergenceWarning, stacklevel=4)
-    resp = torch.nn.functional.one_hot(labels, n_components).to(torch.float64)
-    nk = resp.sum(0) + 10 * torch.finfo(torch.float64).eps
-    means = (resp.T @ x) / nk
-    variances = (resp * (x[:, None] - means) ** 2).sum(0) / nk + reg_covar
+    resp = torch.zeros(n_components, x.numel(), dtype=torch.float64, device=x.device)
+    resp.scatter_(0, labels.long()[None], 1.0)  # one-hot, [K, N]
+    nk = resp.sum(1) + EPS10
+    means = (resp @ x) / nk
+    variances = (x - means[:, None]).square_().mul_(resp).sum(1) / nk + reg_covar
     return means, variances, nk / x.numel()
 
 
@@ -190,17 +197,16 @@ def _estep2(x, means, variances, weights, bufs=None):
 
     With s = log p_1 - log p_0:  r_1 = sigmoid(s), r_0 = 1 - r_1 (absolute error ~1e-16) and
     lse = log p_0 + softplus(s), softplus(s) = relu(s) - log(max(r_0, r_1)): exact for any s, with a
-    log of a number in [0.5, 1] instead of torch's slow float64 log1p / logaddexp.
-    Parameters are python floats (no tiny-tensor ops); bufs: 7 work vectors like x.
-    Returns (stats [3, 2], sum of lse, r_0, r_1) with r_0, r_1 views into bufs.
+    log of a number in [0.5, 1] instead of torch's slow float64 log1p / logaddexp. All the sums
+    come from one [3, N] x [N, 5] product. Parameters are python floats (no tiny-tensor ops).
+    bufs: _estep2_buffers(x). Returns (stats [3, 2], sum of lse, r_0, r_1), r_k views into bufs.
     """
     (m0, m1), (v0, v1), (w0, w1) = means, variances, weights
     p0, p1 = 1.0 / math.sqrt(v0), 1.0 / math.sqrt(v1)
     c0 = math.log(p0) + math.log(w0) - 0.5 * _LOG_2PI
     c1 = math.log(p1) + math.log(w1) - 0.5 * _LOG_2PI
-    if bufs is None:
-        bufs = torch.empty(7, x.numel(), dtype=x.dtype, device=x.device)
-    d0, d1, q0, q1, r0, r1, tmp = bufs
+    bufs = _estep2_buffers(x) if bufs is None else bufs
+    d0, d1, q0, q1, _, r0, r1, tmp = bufs
     torch.sub(x, m0, out=d0)
     torch.sub(x, m1, out=d1)
     torch.mul(d0, d0, out=q0)
@@ -210,11 +216,17 @@ def _estep2(x, means, variances, weights, bufs=None):
     torch.sigmoid(s, out=r1)
     torch.neg(r1, out=r0).add_(1.0)
     log_max = float(torch.maximum(r0, r1, out=tmp).log_().sum())
-    total_ll = relu_sum - log_max + x.numel() * c0 - 0.5 * p0 * p0 * float(q0.sum())
-    stats = torch.tensor([[float(r0.sum()), float(r1.sum())],
-                          [float(r0.dot(d0)), float(r1.dot(d1))],
-                          [float(r0.dot(q0)), float(r1.dot(q1))]], dtype=torch.float64)
+    g = (bufs[4:7] @ bufs[0:5].T).tolist()  # rows (1, r0, r1) . columns (d0, d1, q0, q1, 1)
+    total_ll = relu_sum - log_max + x.numel() * c0 - 0.5 * p0 * p0 * g[0][2]
+    stats = torch.tensor([[g[1][4], g[2][4]], [g[1][0], g[2][1]], [g[1][2], g[2][3]]],
+                         dtype=torch.float64)
     return stats, total_ll, r0, r1
+
+
+def _estep2_buffers(x):
+    bufs = torch.empty(8, x.numel(), dtype=torch.float64, device=x.device)
+    bufs[4].fill_(1.0)
+    return bufs
 
 
 def _estep(x, means, variances, weights, bufs=None):
@@ -231,7 +243,7 @@ def _estep(x, means, variances, weights, bufs=None):
 
 def _em_torch(x, theta, tol, reg_covar, max_iter):
     """scikit-learn's EM loop; returns (theta, n_iter, lower_bound, converged)."""
-    bufs = torch.empty(7, x.numel(), dtype=x.dtype) if x.device.type == "cpu" else None
+    bufs = _estep2_buffers(x) if x.device.type == "cpu" and theta[0].numel() == 2 else None
     lower_bound = -math.inf
     for n_iter in range(1, max_iter + 1):
         stats, ll, _ = _estep(x, *theta, bufs)
