@@ -117,10 +117,11 @@ def _gmm_em_kernel(
     # -inf in padded components (w = 0), without taking log(0)
     const = tl.where(kmask, tl.log(prec) + tl.log(tl.where(kmask, w, 1.0)) - 0.5 * log_2pi,
                      float("-inf"))
-    acc0 = tl.zeros([BLOCK, KP], dtype=tl.float64)
-    acc1 = tl.zeros([BLOCK, KP], dtype=tl.float64)
-    acc2 = tl.zeros([BLOCK, KP], dtype=tl.float64)
-    acc_ll = tl.zeros([BLOCK], dtype=tl.float64)
+    # per-tile sums folded into [KP] accumulators: few registers even in float64
+    acc0 = tl.zeros([KP], dtype=tl.float64)
+    acc1 = tl.zeros([KP], dtype=tl.float64)
+    acc2 = tl.zeros([KP], dtype=tl.float64)
+    acc_ll = tl.zeros([KP], dtype=tl.float64)
     rows = tl.arange(0, BLOCK)
     for t in range(0, tiles_per_program):
         offs = (pid + t * n_programs) * BLOCK + rows
@@ -133,18 +134,19 @@ def _gmm_em_kernel(
         ex = tl.exp(log_prob - mx[:, None])
         tot = tl.sum(ex, axis=1)
         r = tl.where(rmask[:, None], ex / tot[:, None], 0.0)
-        acc0 += r
-        acc1 += r * d
-        acc2 += r * d * d
-        acc_ll += tl.where(rmask, mx + tl.log(tot), 0.0)
+        rd = r * d
+        acc0 += tl.sum(r, axis=0)
+        acc1 += tl.sum(rd, axis=0)
+        acc2 += tl.sum(rd * d, axis=0)
+        acc_ll += tl.where(ks == 0, tl.sum(tl.where(rmask, mx + tl.log(tot), 0.0), axis=0), 0.0)
         if STORE_RESP:
             tl.store(resp_ptr + offs[:, None] * K + ks[None, :], r,
                      mask=rmask[:, None] & kmask[None, :])
     out = stats_ptr + it * n_programs * slot + pid * slot + ks
-    tl.store(out, tl.sum(acc0, axis=0))
-    tl.store(out + KP, tl.sum(acc1, axis=0))
-    tl.store(out + 2 * KP, tl.sum(acc2, axis=0))
-    tl.store(out + 3 * KP, tl.where(ks == 0, tl.sum(acc_ll, axis=0), 0.0))
+    tl.store(out, acc0)
+    tl.store(out + KP, acc1)
+    tl.store(out + 2 * KP, acc2)
+    tl.store(out + 3 * KP, acc_ll)
 
 
 class EMPlan:
