@@ -65,8 +65,8 @@ def _as_tensor(x, name="x"):
     bad = ~torch.isfinite(t)
     if bad.any():  # one host sync, before any work
         idx = bad.nonzero().flatten()
-        first = ", ".join(str(i) for i in idx[:5].tolist())
-        raise ValueError(f"{name} has {idx.numel()} NaN or infinite value(s), first at index {first}")
+        raise ValueError(f"{name} has {idx.numel()} NaN or infinite value(s), first at indices "
+                         f"{idx[:5].tolist()}")
     return t, is_torch
 
 
