@@ -127,14 +127,15 @@ def gradcheck_case(backend, shape=(3, 2, 5), d_out=4, r=2):
 
 
 # ------------------------------------------------------------------ CPU path numerics
-CASES = [  # shape, d_out, r, mask kind, bias
-    ((4, 16, 123), 45, 8, "sample", True),
-    ((3, 37, 64), 123, 1, "sample", False),  # seq not a tile multiple, rank 1
-    ((50, 33), 17, 4, "row", True),  # 2-D input, per-row mask
-    ((6, 5, 32), 32, 3, "row", True),  # 3-D input, per-row mask
-    ((5, 9, 40), 24, 8, "none", True),
-    ((5, 9, 40), 24, 8, "all_bypassed", True),
-    ((5, 9, 40), 24, 8, "all_routed", False),
+CASES = [  # shape, d_out, r, mask kind, bias; the Triton row tile is 64 rows
+    ((4, 16, 123), 45, 8, "sample", True),  # odd in_features, 4 samples in one tile
+    ((2, 37, 64), 123, 1, "sample", False),  # seq 37 does not divide the tile, rank 1
+    ((3, 70, 32), 40, 4, "sample", True),  # tiles that mix routed and bypassed samples
+    ((50, 33), 17, 5, "row", True),  # 2-D input, per-row mask
+    ((4, 5, 32), 32, 3, "row", False),  # 3-D input, per-row mask
+    ((2, 9, 40), 24, 8, "none", True),
+    ((3, 30, 40), 24, 8, "all_bypassed", True),
+    ((3, 30, 40), 24, 8, "all_routed", False),
 ]
 
 

@@ -5,21 +5,10 @@ import torch
 
 from clear_fast.kernels import routed_lora as K
 from clear_fast.lora import routed_lora_linear
-from test_lora import (check_bypassed_do_not_touch_adapter_grads, check_case, gradcheck_case,
-                       make_problem)
+from test_lora import (CASES, check_bypassed_do_not_touch_adapter_grads, check_case,
+                       gradcheck_case, make_problem)
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-CASES = [  # shape, d_out, r, mask kind, bias; row tile is K.BLOCK_M = 64 rows
-    ((4, 16, 123), 45, 8, "sample", True),  # odd in_features, 4 samples in one tile
-    ((2, 37, 64), 123, 1, "sample", False),  # seq 37 does not divide the tile, rank 1
-    ((3, 70, 32), 40, 4, "sample", True),  # tiles that mix routed and bypassed samples
-    ((50, 33), 17, 5, "row", True),  # 2-D input, per-row mask
-    ((4, 5, 32), 32, 3, "row", False),  # 3-D input, per-row mask
-    ((2, 9, 40), 24, 8, "none", True),
-    ((3, 30, 40), 24, 8, "all_bypassed", True),
-    ((3, 30, 40), 24, 8, "all_routed", False),
-]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
