@@ -160,7 +160,7 @@ class EMPlan:
             raise ValueError(f"N * n_components = {n * n_components} exceeds the kernel's int32 "
                              "offsets (2^31)")
         self.x, self.n, self.k = x, n, n_components
-        self.kp = triton.next_power_of_2(n_components)
+        self.kp = max(2, triton.next_power_of_2(n_components))  # no size-1 aranges
         tiles = triton.cdiv(n, BLOCK)
         self.programs = min(tiles, MAX_PROGRAMS)
         self.tiles_per_program = triton.cdiv(tiles, self.programs)
@@ -175,7 +175,7 @@ class EMPlan:
             self.x, self.n, self.tiles_per_program, self.stats, self.params,
             self.x if resp is None else resp,
             it, self.programs, float(reg_covar), EPS10, LOG_2PI,
-            K=self.k, KP=self.kp, PP=triton.next_power_of_2(self.programs), BLOCK=BLOCK,
+            K=self.k, KP=self.kp, PP=max(2, triton.next_power_of_2(self.programs)), BLOCK=BLOCK,
             FROM_STATS=from_stats, STORE_RESP=resp is not None, num_warps=4,
         )
 
