@@ -173,7 +173,8 @@ def environment(device):
            "python": platform.python_version(), "torch": torch.__version__,
            "triton": triton.__version__, "machine": platform.machine(),
            "processor": platform.processor() or platform.machine(),
-           "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+           "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+           "load_average_1min": round(os.getloadavg()[0], 2)}  # other work on a shared machine
     try:
         import peft
         env["peft"] = peft.__version__
@@ -201,6 +202,7 @@ def main(argv=None):
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     repeats = args.repeats or (5 if args.quick else 15)
+    load_before = round(os.getloadavg()[0], 2)
     rows = []
     for wname, width in WIDTHS.items():
         for fraction in FRACTIONS:
@@ -228,7 +230,9 @@ def main(argv=None):
                     row["floor_fraction"] = max(flops / peak[0], bytes_ / peak[1]) / t["routed"]
                 rows.append(row)
                 print(_line(row), flush=True)
-    result = {"environment": environment(device), "device": device.type, "dtype": str(dtype),
+    env = environment(device)
+    env["load_average_1min"] = [load_before, env["load_average_1min"]]  # before, after
+    result = {"environment": env, "device": device.type, "dtype": str(dtype),
               "shape": dict(zip(("batch", "seq"), shape_for(device))), "rank": RANK,
               "repeats": repeats, "rows": rows, "targets": targets(rows, device.type)}
     os.makedirs(args.out, exist_ok=True)

@@ -83,12 +83,13 @@ def _expand_torch_(y, u, w, mask, rows_per_mask, scaling):
         y.index_add_(0, rows, delta, alpha=scaling)
 
 
-def _grad_torch(p, q, mask, rows_per_mask):
+def _grad_torch(p, q, mask, rows_per_mask, scaling, transpose):
     rows = _routed_rows(mask, rows_per_mask)
     acc = _acc_dtype(q.dtype)
     if rows.numel() != q.shape[0]:
         p, q = p.index_select(0, rows), q.index_select(0, rows)
-    return p.to(acc).T @ q.to(acc)
+    p, q = p.to(acc), q.to(acc)
+    return (q.T @ p if transpose else p.T @ q).mul_(scaling)
 
 
 # ------------------------------------------------------------ the primitives as torch custom ops
@@ -119,15 +120,17 @@ def _(y, u, w, mask, rows_per_mask, scaling, backend):
 
 
 @torch.library.custom_op("clear_fast::lora_grad", mutates_args=())
-def _grad_op(p: Tensor, q: Tensor, mask: Tensor, rows_per_mask: int, backend: str) -> Tensor:
+def _grad_op(p: Tensor, q: Tensor, mask: Tensor, rows_per_mask: int, scaling: float,
+             transpose: bool, backend: str) -> Tensor:
     if _use_triton(q, backend):
-        return _kernels().lora_grad(p, q, mask, rows_per_mask)
-    return _grad_torch(p, q, mask, rows_per_mask)
+        return _kernels().lora_grad(p, q, mask, rows_per_mask, scaling, transpose)
+    return _grad_torch(p, q, mask, rows_per_mask, scaling, transpose)
 
 
 @_grad_op.register_fake
-def _(p, q, mask, rows_per_mask, backend):
-    return q.new_empty((p.shape[1], q.shape[1]), dtype=_acc_dtype(q.dtype))
+def _(p, q, mask, rows_per_mask, scaling, transpose, backend):
+    shape = (q.shape[1], p.shape[1]) if transpose else (p.shape[1], q.shape[1])
+    return q.new_empty(shape, dtype=_acc_dtype(q.dtype))
 
 
 # ------------------------------------------------------------ autograd
@@ -167,9 +170,9 @@ class RoutedLoRAFunction(torch.autograd.Function):
         if need[3] and ctx.has_bias:
             db = dy.sum(0)
         if need[4]:
-            dA = (_grad_op(g, xl, mask, rpm, backend) * s).to(lora_A.dtype)
+            dA = _grad_op(g, xl, mask, rpm, s, False, backend).to(lora_A.dtype)  # s G^T x
         if need[5]:
-            dB = (_grad_op(u, dy, mask, rpm, backend) * s).T.contiguous().to(lora_B.dtype)
+            dB = _grad_op(u, dy, mask, rpm, s, True, backend).to(lora_B.dtype)  # s dY^T U
         return dx, dx_lora, dW, db, dA, dB, None, None, None, None
 
 

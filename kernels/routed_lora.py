@@ -72,7 +72,7 @@ def _dot_dtype(a, b):
 
 def _precision(dot_dtype):
     # fp32 dots must not silently become TF32: torch's fp32 matmuls are IEEE by default.
-    return "ieee" if dot_dtype == tl.float32 else None
+    return "ieee" if dot_dtype in (tl.float32, tl.float64) else None
 
 
 def _block_r(r):
@@ -130,7 +130,7 @@ def _expand_kernel(y_ptr, u_ptr, w_ptr, mask_ptr, M, N, R, rows_per_mask, scalin
 
 
 @triton.jit
-def _grad_kernel(p_ptr, q_ptr, part_ptr, mask_ptr, M, K, R, rows_per_mask, tiles_per_split,
+def _grad_kernel(p_ptr, q_ptr, part_ptr, mask_ptr, M, K, R, rows_per_mask, tiles_per_split, scaling,
                  s_pm, s_pr, s_qm, s_qk, s_ts, s_tr, s_tk,
                  BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
                  DOT: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
@@ -147,7 +147,7 @@ def _grad_kernel(p_ptr, q_ptr, part_ptr, mask_ptr, M, K, R, rows_per_mask, tiles
             q = tl.load(q_ptr + rows[:, None] * s_qm + cols[None, :] * s_qk,
                         mask=routed[:, None] & (cols[None, :] < K), other=0.0)
             acc = tl.dot(pt.to(DOT), q.to(DOT), acc, input_precision=PRECISION, out_dtype=ACC)
-    tl.store(part_ptr + split * s_ts + rr[:, None] * s_tr + cols[None, :] * s_tk, acc,
+    tl.store(part_ptr + split * s_ts + rr[:, None] * s_tr + cols[None, :] * s_tk, acc * scaling,
              mask=(rr[:, None] < R) & (cols[None, :] < K))
 
 
@@ -180,8 +180,10 @@ def lora_expand_(y, u, w, mask, rows_per_mask, scaling):
     return y
 
 
-def lora_grad(p, q, mask, rows_per_mask):
-    """P^T Q summed over rows with m != 0: p [M, R], q [M, K] -> [R, K] in acc_dtype(q.dtype)."""
+def lora_grad(p, q, mask, rows_per_mask, scaling=1.0, transpose=False):
+    """scaling * P^T Q summed over rows with m != 0: p [M, R], q [M, K] -> [R, K] in
+    acc_dtype(q.dtype), or its transpose [K, R] (contiguous) when `transpose`: dB needs that
+    layout, so writing it directly saves a launch."""
     M, K = q.shape
     R = p.shape[1]
     k_tiles, m_tiles = triton.cdiv(K, BLOCK_K), triton.cdiv(M, BLOCK_M)
@@ -190,15 +192,15 @@ def lora_grad(p, q, mask, rows_per_mask):
     tiles_per_split = triton.cdiv(m_tiles, splits)
     splits = triton.cdiv(m_tiles, tiles_per_split)
     acc = acc_dtype(q.dtype)
-    part = torch.empty((splits, R, K), device=q.device, dtype=acc)
+    part = torch.empty((splits, K, R) if transpose else (splits, R, K), device=q.device, dtype=acc)
+    s_tr, s_tk = (part.stride(2), part.stride(1)) if transpose else (part.stride(1), part.stride(2))
     dot = _TL_DTYPES[acc]  # adapter gradients: always fp32 (fp64) operands, few FLOPs
     _grad_kernel[(k_tiles, splits)](
-        p, q, part, mask, M, K, R, rows_per_mask, tiles_per_split,
-        p.stride(0), p.stride(1), q.stride(0), q.stride(1),
-        part.stride(0), part.stride(1), part.stride(2),
+        p, q, part, mask, M, K, R, rows_per_mask, tiles_per_split, float(scaling),
+        p.stride(0), p.stride(1), q.stride(0), q.stride(1), part.stride(0), s_tr, s_tk,
         BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_R=_block_r(R),
         DOT=dot, ACC=_TL_DTYPES[acc], PRECISION=_precision(dot))
-    return part.sum(0)
+    return part[0] if splits == 1 else part.sum(0)
 
 
 # ---------------------------------------------------------------- plain PyTorch references

@@ -49,9 +49,12 @@ def test_launchers_skip_bypassed_tiles_entirely():
     expected = 7.0 + 0.5 * (x2[:64] @ A.T) @ B.T
     torch.testing.assert_close(sentinel[:64], expected, rtol=1e-5, atol=1e-4)
     u[64:128] = float("nan")  # whatever a skipped tile holds is never read
-    g = K.lora_grad(u, x2, mask, 64)
     keep = torch.tensor([True] * 64 + [False] * 64 + [True] * 64)
-    torch.testing.assert_close(g, u[keep].T @ x2[keep], rtol=1e-5, atol=1e-4)
+    expected = u[keep].T @ x2[keep]
+    torch.testing.assert_close(K.lora_grad(u, x2, mask, 64), expected, rtol=1e-5, atol=1e-4)
+    g_t = K.lora_grad(u, x2, mask, 64, scaling=0.5, transpose=True)
+    assert g_t.shape == (32, 4) and g_t.is_contiguous()
+    torch.testing.assert_close(g_t, 0.5 * expected.T, rtol=1e-5, atol=1e-4)
 
 
 def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
