@@ -22,6 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from clear_fast.kernels.utils import acc_dtype as _acc_dtype, interpreting
+
 __all__ = ["RoutedLoRALinear", "routed_lora_linear"]
 
 _BACKENDS = ("auto", "torch", "triton")
@@ -35,17 +37,11 @@ def _kernels():
 
 def _use_triton(t: Tensor, backend: str) -> bool:
     if backend == "triton":
-        if not t.is_cuda:
-            import os
-            if os.environ.get("TRITON_INTERPRET") != "1":
-                raise RuntimeError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set "
-                                   "before triton is first imported (the interpreter is for tests)")
+        if not t.is_cuda and not interpreting():
+            raise RuntimeError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set "
+                               "before triton is first imported (the interpreter is for tests)")
         return True
     return backend == "auto" and t.is_cuda
-
-
-def _acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # ------------------------------------------------------------ CPU path: gather the routed samples

@@ -33,12 +33,12 @@ training). The adapter-gradient reduction always multiplies in fp32: it is a few
 Triton's interpreter gets bf16 dots wrong, so under TRITON_INTERPRET=1 bf16 dots run in fp32.
 Plain pointer arithmetic only (no block pointers, no autotune): runs on triton 3.6 and 3.9.
 """
-import os
-
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from .utils import acc_dtype, interpreting
 
 BLOCK_M = 64  # rows per tile: the routing granularity
 BLOCK_K = 64  # reduction chunk of shrink, column chunk of grad
@@ -46,17 +46,8 @@ BLOCK_N = 64  # output columns per expand program
 GRAD_PROGRAMS = 256  # the adapter-gradient reduction aims at this many programs (fills a GPU)
 
 
-def _interpreting():
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
               torch.float32: tl.float32, torch.float64: tl.float64}
-
-
-def acc_dtype(dtype):
-    """Accumulator / saved-activation dtype for LoRA products of inputs in `dtype`."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _dot_dtype(a, b):
@@ -64,7 +55,7 @@ def _dot_dtype(a, b):
     if torch.float64 in (a, b):
         return tl.float64
     if a == b and a in (torch.float16, torch.bfloat16):
-        if a == torch.bfloat16 and _interpreting():
+        if a == torch.bfloat16 and interpreting():
             return tl.float32  # the interpreter's bf16 tl.dot returns garbage
         return _TL_DTYPES[a]
     return tl.float32
