@@ -113,27 +113,17 @@ def check(p, impls):
 
 
 def time_round_robin(impls, p, backward, repeats):
-    """Median seconds per implementation, the implementations interleaved in every repeat so that
-    a noisy shared machine slows them alike."""
+    """CPU: median seconds per implementation, the implementations interleaved in every repeat so
+    that a noisy shared machine slows them alike."""
     x = p["x"].detach().requires_grad_()
-    cuda = x.is_cuda
     times = {n: [] for n in impls}
     for rep in range(repeats + 2):  # two warm-up rounds
         for name, (fn, leaves) in impls.items():
             for leaf in (x, *leaves):
                 leaf.grad = None
-            if cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                torch.cuda.synchronize()
-                start.record()
-                step(fn, x, p["dy"], backward)
-                end.record()
-                torch.cuda.synchronize()
-                t = start.elapsed_time(end) / 1e3
-            else:
-                t0 = time.perf_counter()
-                step(fn, x, p["dy"], backward)
-                t = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            step(fn, x, p["dy"], backward)
+            t = time.perf_counter() - t0
             if rep >= 2:
                 times[name].append(t)
     return {n: statistics.median(v) for n, v in times.items()}
@@ -281,8 +271,8 @@ def markdown(res):
              f"Shape: batch {res['shape']['batch']} x seq {res['shape']['seq']} rows, rank "
              f"{res['rank']}; median of {res['repeats']} interleaved runs (CPU) or do_bench (GPU). "
              "Command: `python benchmarks/lora_table.py`.", "",
-             "| model | fraction | pass | routed ms | F.linear ms | dense ms | dual-path ms | peft ms "
-             "| routed / F.linear | dual / routed | dense / routed |",
+             "| model | fraction | pass | routed ms | F.linear ms | dense ms | dual-path ms "
+             "| peft ms | routed / F.linear | dual / routed | dense / routed |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         ms = r["ms"]

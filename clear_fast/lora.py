@@ -1,11 +1,11 @@
 """RoutedLoRALinear: a frozen linear plus a LoRA adapter that each sample uses or bypasses.
 
-    y = x W^T + b + s * m * dropout(x) A^T B^T,     s = lora_alpha / r,  m in {0, 1} per sample or row
+    y = x W^T + b + s * m * dropout(x) A^T B^T,   s = lora_alpha / r,   m in {0, 1} per sample/row
 
 Rows with m == 0 get exactly F.linear(x, W, b), bit for bit, and add nothing to the adapter
 gradients. Three primitives do the LoRA work (the math and the GPU kernels are described in
-clear_fast/kernels/routed_lora.py): shrink (U = m * X A^T), expand (Y += s U B^T in place, routed rows
-only) and grad (P^T Q over routed rows). Each has two implementations:
+clear_fast/kernels/routed_lora.py): shrink (U = m * X A^T), expand (Y += s U B^T in place, routed
+rows only) and grad (P^T Q over routed rows). Each has two implementations:
 
 - CUDA tensors: the Triton kernels, which skip all-bypassed row tiles without a host sync;
 - CPU tensors: plain PyTorch that gathers the routed samples (index_select), works on them alone
@@ -135,7 +135,8 @@ class RoutedLoRAFunction(torch.autograd.Function):
     mask [G] float (row i uses mask[i // rows_per_mask]). Use routed_lora_linear, which checks."""
 
     @staticmethod
-    def forward(ctx, x, x_lora, weight, bias, lora_A, lora_B, scaling, mask, rows_per_mask, backend):
+    def forward(ctx, x, x_lora, weight, bias, lora_A, lora_B, scaling, mask, rows_per_mask,
+                backend):
         xl = x if x_lora is None else x_lora
         out = F.linear(x, weight, bias)
         u = _shrink_op(xl, lora_A, mask, rows_per_mask, backend)
@@ -182,13 +183,15 @@ def _check(x, weight, bias, lora_A, lora_B, mask, x_lora, backend):
     if x.dim() < 2:
         raise ValueError(f"x must have shape [batch, ..., in_features], got shape {tuple(x.shape)}")
     if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D [out_features, in_features], got {tuple(weight.shape)}")
+        raise ValueError(f"weight must be 2-D [out_features, in_features], "
+                         f"got {tuple(weight.shape)}")
     out_f, in_f = weight.shape
     if x.shape[-1] != in_f:
         raise ValueError(f"feature size mismatch: x has {x.shape[-1]} features in its last "
                          f"dimension but weight expects in_features={in_f}")
     if lora_A.dim() != 2 or lora_A.shape[0] < 1:
-        raise ValueError(f"lora_A must be [r, in_features] with rank r >= 1, got {tuple(lora_A.shape)}")
+        raise ValueError(f"lora_A must be [r, in_features] with rank r >= 1, "
+                         f"got {tuple(lora_A.shape)}")
     r = lora_A.shape[0]
     if lora_A.shape[1] != in_f:
         raise ValueError(f"lora_A has shape {tuple(lora_A.shape)}, expected [r, {in_f}]")
@@ -317,8 +320,8 @@ class RoutedLoRALinear(nn.Module):
             mask = self.routing_mask
         if self.merged:
             return F.linear(x, self.weight, self.bias)
-        x_lora = self.lora_dropout(x) if self.training and isinstance(self.lora_dropout, nn.Dropout) \
-            else None
+        dropout = self.training and isinstance(self.lora_dropout, nn.Dropout)
+        x_lora = self.lora_dropout(x) if dropout else None
         return routed_lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
                                   mask, x_lora=x_lora)
 
@@ -327,7 +330,7 @@ class RoutedLoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self):
-        """W += s B A: inference at the cost of F.linear, every row adapted (the mask is ignored)."""
+        """W += s B A: inference at the cost of F.linear; every row adapted, the mask ignored."""
         if self.merged:
             raise RuntimeError("RoutedLoRALinear is already merged")
         self.weight.add_(self._delta_weight())

@@ -16,10 +16,10 @@ before it loads A, B or activations and before it writes anything:
 The mask stays on the device: each program reads the mask values of its own rows (row // rows_per
 _mask, so a per-sample mask needs no expansion) and decides by itself; nothing syncs with the host.
 With sequence length >= BLOCK_M a tile holds at most two samples, so at routed fraction f roughly a
-fraction f of the tiles does work. Rows with m == 0 inside a working tile are never loaded or stored,
-so bypassed rows keep the cuBLAS result bit for bit. Contract between the kernels: U and G rows
-with m == 0 may hold anything (whole bypassed tiles are never written); every consumer loads only
-rows with m != 0.
+fraction f of the tiles does work. Rows with m == 0 inside a working tile are never loaded or
+stored, so bypassed rows keep the cuBLAS result bit for bit. Contract between the kernels: U and G
+rows with m == 0 may hold anything (whole bypassed tiles are never written); every consumer loads
+only rows with m != 0.
 
 Limit: the base GEMM and the LoRA kernels are separate launches (two extra in the forward, four in
 the backward), so at small M the launch latency, not the arithmetic, bounds how close routed
@@ -144,7 +144,8 @@ def _grad_kernel(p_ptr, q_ptr, part_ptr, mask_ptr, M, K, R, rows_per_mask, tiles
 
 def lora_shrink(x, w, mask, rows_per_mask):
     """U = m[row] * x w^T for routed rows. x [M, K], w [R, K], mask [G] float32 (row i uses
-    mask[i // rows_per_mask]). Returns U [M, R] in acc_dtype(x.dtype); rows with m == 0 undefined."""
+    mask[i // rows_per_mask]). Returns U [M, R] in acc_dtype(x.dtype); rows with m == 0 are
+    undefined."""
     M, K = x.shape
     R = w.shape[0]
     u = torch.empty((M, R), device=x.device, dtype=acc_dtype(x.dtype))

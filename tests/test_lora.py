@@ -394,7 +394,7 @@ def test_error_rank_and_shapes():
 
 
 def test_error_dtype_mismatch_with_frozen_weight(layer):
-    with pytest.raises(TypeError, match="x is torch.float16 but the frozen weight is torch.float32"):
+    with pytest.raises(TypeError, match="x is torch.float16 but the frozen weight is torch.float"):
         layer(torch.randn(2, 16, dtype=torch.float16))
 
 

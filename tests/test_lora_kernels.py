@@ -1,5 +1,5 @@
-"""The Triton path of the routed LoRA layer: on CPU tensors through Triton's interpreter (CI), and on
-a GPU when one is present (tests marked `cuda`). Shapes stay small: the interpreter is slow."""
+"""The Triton path of the routed LoRA layer: on CPU tensors through Triton's interpreter (CI), and
+on a GPU when one is present (tests marked `cuda`). Shapes stay small: the interpreter is slow."""
 import pytest
 import torch
 
