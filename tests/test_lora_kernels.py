@@ -1,35 +1,45 @@
 """The Triton path of the routed LoRA layer: on CPU tensors through Triton's interpreter (CI), and
-on a GPU when one is present (tests marked `cuda`). Shapes stay small: the interpreter is slow."""
+compiled on a GPU when one is present (tests marked `cuda`; run them with TRITON_INTERPRET=0, since
+tests/conftest.py defaults it to 1). Shapes stay small: the interpreter is slow."""
 import pytest
 import torch
 
 from clear_fast.kernels import routed_lora as K
+from clear_fast.kernels.utils import interpreting
 from clear_fast.lora import routed_lora_linear
 from test_lora import (CASES, check_bypassed_do_not_touch_adapter_grads, check_case,
                        gradcheck_case, make_problem)
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+cuda = pytest.mark.skipif(not torch.cuda.is_available() or interpreting(),
+                          reason="needs a CUDA GPU and TRITON_INTERPRET=0 (compiled kernels)")
+interpreter = pytest.mark.skipif(not interpreting(),
+                                 reason="Triton on CPU tensors needs TRITON_INTERPRET=1")
 
 
+@interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape,d_out,r,mask_kind,bias", CASES)
 def test_triton_matches_float64(shape, d_out, r, mask_kind, bias, dtype):
     check_case("triton", shape, d_out, r, dtype, mask_kind, bias)
 
 
+@interpreter
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_triton_fp32_adapter_with_half_activations(dtype):
     check_case("triton", (3, 20, 48), 40, 4, dtype, "sample", adapter_dtype=torch.float32)
 
 
+@interpreter
 def test_triton_bypassed_rows_leave_adapter_grads_unchanged():
     check_bypassed_do_not_touch_adapter_grads("triton")
 
 
+@interpreter
 def test_triton_gradcheck_float64():
     gradcheck_case("triton")
 
 
+@interpreter
 def test_grad_reduction_over_several_tiles_per_program(monkeypatch):
     # Force each program of the adapter-gradient kernel to sum several row tiles (as on big
     # batches), some routed and some not.
@@ -37,6 +47,7 @@ def test_grad_reduction_over_several_tiles_per_program(monkeypatch):
     check_case("triton", (5, 64, 16), 16, 2, torch.float32, "sample")
 
 
+@interpreter
 def test_launchers_skip_bypassed_tiles_entirely():
     p, _ = make_problem((3, 64, 32), 24, 4)
     x, A, B = (p[k].float() for k in ("x", "lora_A", "lora_B"))
