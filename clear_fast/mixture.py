@@ -5,9 +5,10 @@ the posterior of the smaller-mean component. ``GaussianMixture1D`` reproduces
 ``sklearn.mixture.GaussianMixture(covariance_type="full", n_init=1)`` on one feature:
 
 - init: scikit-learn's ``KMeans(n_clusters, n_init=1, random_state)`` labels, one-hot, one M-step.
-  For two components it is re-implemented here (k-means++ seeding with the same random draws, then
-  Lloyd with the same assignment arithmetic and stopping rules) so it runs on the data's device in
-  a few vectorised passes; other component counts call scikit-learn's KMeans on the CPU;
+  For two components it is re-implemented here (k-means++ seeding with the same random draws and
+  distance arithmetic, then Lloyd with the same stopping rules, its assignment as one comparison
+  with the midpoint) so it runs on the data's device in a few vectorised passes; other component
+  counts call scikit-learn's KMeans on the CPU;
 - EM: reg_covar added to every variance, stop at the first iteration whose mean log-likelihood
   lower bound changed by less than tol, ConvergenceWarning when max_iter is reached first;
 - a final E-step with the final parameters gives the posteriors (as sklearn's fit_predict).
@@ -110,22 +111,24 @@ def _sq_dist(xc, x_sq, c):
     return ((-2.0 * (xc * c)) + c * c + x_sq).clamp_(min=0.0)
 
 
-def _lloyd_labels(xc, centers, bufs, labels):
-    """sklearn's Lloyd assignment argmin_j (c_j^2 + (-2 x c_j)), ties to the lower index, into
-    `labels` (bool, True = cluster 1), with the same rounding as its gemm."""
-    d0 = torch.mul(xc, centers[0], out=bufs[0]).mul_(-2.0).add_(centers[0] * centers[0])
-    d1 = torch.mul(xc, centers[1], out=bufs[1]).mul_(-2.0).add_(centers[1] * centers[1])
-    return torch.lt(d1, d0, out=labels)
+def _lloyd_labels(xc, centers, upper, out):
+    """sklearn's Lloyd assignment argmin_j (c_j^2 - 2 x c_j), ties to cluster 0, in one dimension:
+    cluster 1 = {x > midpoint} if c_1 > c_0 (upper), else {x < midpoint}. One comparison into `out`
+    (float64 0 / 1); it can differ from sklearn's rounding only within a few ulps of the midpoint."""
+    mid = (centers[0] + centers[1]) * 0.5
+    return (torch.gt if upper else torch.lt)(xc, mid, out=out)
 
 
 def _kmeans2_labels(x, random_state):
-    """Labels (bool, True = cluster 1) of KMeans(2, n_init=1, random_state).fit(x[:, None]).
+    """Labels (float64 0 / 1) of KMeans(2, n_init=1, random_state).fit(x[:, None]).
 
-    k-means++ (2 + int(log 2) = 2 local trials) on the centred data with the same draws, then Lloyd
-    (max_iter 300, tol = 1e-4 * var(x)): stop when the labels repeat (strict) or the squared
-    centre shift <= tol, then relabel with the final centres if not strict. Returns (labels,
-    n_distinct): n_distinct == 1 when a cluster came out empty (a single distinct value).
-    One host sync per Lloyd iteration (its stopping test), none in the seeding.
+    k-means++ (2 + int(log 2) = 2 local trials) on the centred data with the same draws and the
+    same distance arithmetic, then Lloyd (max_iter 300, tol = 1e-4 * var(x)): stop when the
+    labels repeat (strict) or the squared centre shift <= tol, then relabel with the final
+    centres if not strict. In 1-D Lloyd keeps the centres' order and each cluster is a half-line,
+    so labels repeat exactly when the cluster sizes do. Returns (labels, n_distinct): n_distinct
+    == 1 when a cluster came out empty (a single distinct value). One host sync per Lloyd
+    iteration (its stopping test) plus one for the centres' order.
     """
     n = x.numel()
     xc = x - x.mean()
@@ -139,29 +142,27 @@ def _kmeans2_labels(x, random_state):
     centers = torch.stack([c0, torch.where(pots[1] < pots[0], cand[1], cand[0])])
 
     tol = float(x_sq.mean()) * _KMEANS_TOL  # np.var(X) * tol (xc is centred)
+    upper = bool(centers[1] > centers[0])
     total = xc.sum()
-    bufs = torch.empty(2, n, dtype=torch.float64, device=x.device)
-    labels, labels_old = torch.empty(2, n, dtype=torch.bool, device=x.device)
-    strict = False
-    for i in range(_KMEANS_MAX_ITER):
-        _lloyd_labels(xc, centers, bufs, labels)
+    labels = torch.empty_like(xc)
+    n1_old, strict = -1, False
+    for _ in range(_KMEANS_MAX_ITER):
+        _lloyd_labels(xc, centers, upper, labels)
         n1 = labels.sum()
-        s1 = torch.mul(xc, labels, out=bufs[0]).sum()
+        s1 = xc.dot(labels)
         new = torch.stack([(total - s1) / (n - n1), s1 / n1])
-        changed = (labels != labels_old).any() if i else torch.ones((), device=x.device)
-        n1, shift, changed = torch.stack([n1.double(), ((new - centers) ** 2).sum(),
-                                          changed.double()]).tolist()
+        n1, shift = torch.stack([n1, ((new - centers) ** 2).sum()]).tolist()
         if n1 in (0, n):  # empty cluster: only when every value is the same
-            return torch.zeros(n, dtype=torch.bool, device=x.device), 1
+            return torch.zeros_like(xc), 1
         centers = new
-        if not changed:
+        if n1 == n1_old:
             strict = True
             break
         if shift <= tol:
             break
-        labels, labels_old = labels_old, labels
+        n1_old = n1
     if not strict:
-        _lloyd_labels(xc, centers, bufs, labels)
+        _lloyd_labels(xc, centers, upper, labels)
     return labels, 2
 
 
