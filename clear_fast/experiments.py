@@ -337,21 +337,27 @@ def collect(spec, grid, wall_s=None):
     """Copy a finished run's small files to <results_dir>/<name>/, plus run.json (how it was made)."""
     src, dst = grid.work_dir / spec.name, grid.results_dir / spec.name
     dst.mkdir(parents=True, exist_ok=True)
-    for f in RESULT_FILES:
-        shutil.copyfile(src / f, dst / f)
-    noise = json.loads((src / "noise.json").read_text())
-    # The per-sample clean mask and the K x K transition matrix are the large parts: the seeds
-    # reproduce them; keep only the flips that happened.
-    counts = np.asarray(noise.pop("transition_counts"))
-    noise.pop("clean_mask", None)
-    noise["flips"] = {f"{i}->{j}": int(counts[i, j]) for i, j in zip(*np.nonzero(counts)) if i != j}
-    write_json(dst / "noise.json", noise)
+    shutil.copyfile(src / "metrics.jsonl", dst / "metrics.jsonl")
+    results = json.loads((src / "results.json").read_text())
+    results["noise"] = _slim_noise(results["noise"])
+    write_json(dst / "results.json", results)
+    write_json(dst / "noise.json", _slim_noise(json.loads((src / "noise.json").read_text())))
     write_json(dst / "run.json", {"name": spec.name, "dataset": spec.dataset, "noise": spec.noise,
                                   "method": spec.method, "base_method": spec.base_method, "seed": spec.seed,
                                   "flags": spec.flags, "grid": str(grid.path), "runner_wall_s": wall_s,
                                   "command": "python -m clear_fast.train " + " ".join(
                                       spec.argv(grid.work_dir / spec.name))})
     return dst
+
+
+def _slim_noise(noise):
+    """The noise summary without its large parts, the per-sample clean mask and the K x K transition
+    matrix (the seeds reproduce both): only the flips that happened, as {"true->observed": count}."""
+    noise = dict(noise)
+    noise.pop("clean_mask", None)
+    counts = np.asarray(noise.pop("transition_counts"))
+    noise["flips"] = {f"{i}->{j}": int(counts[i, j]) for i, j in zip(*np.nonzero(counts)) if i != j}
+    return noise
 
 
 def git_commit(path, message, attempts=30):
@@ -449,6 +455,7 @@ def load_results(results_dir):
             "method": meta.get("method", res["method"]), "seed": meta.get("seed", res["config"]["seed"]),
             "best": res["best_test_accuracy"], "last": res["last_test_accuracy"],
             "dev_selected": res.get("dev_selected_test_accuracy"), "dev_best": max(dev) if dev else None,
+            "dev_epoch": res.get("dev_selected_epoch"),
             "auroc": det.get("auroc"),
             "flip_rate": noise.get("achieved_flip_rate"), "wall_s": res.get("wall_time_s"),
             "auroc_by_epoch": [r.get("clean_auroc") for r in records],
@@ -477,7 +484,7 @@ def aggregate(rows):
     for (ds, nl, method), rs in groups.items():
         entry = {"dataset": ds, "noise": nl, "noise_type": rs[0]["noise_type"], "noise_rate": rs[0]["noise_rate"],
                  "method": method, "n": len(rs), "seeds": " ".join(str(s) for s in sorted(r["seed"] for r in rs))}
-        for m in METRICS + ("flip_rate", "wall_s"):
+        for m in METRICS + ("dev_epoch", "flip_rate", "wall_s"):
             entry[f"{m}_mean"], entry[f"{m}_std"], entry[f"{m}_n"] = _mean_std([r[m] for r in rs])
         table.append(entry)
     table.sort(key=lambda e: (e["dataset"], NOISE_ORDER.get(e["noise_type"], 99), e["noise_rate"], _method_key(e["method"])))

@@ -93,6 +93,7 @@ def test_tiny_grid_runs_skips_and_reports(tiny_bert, toy_files, tmp_path, in_pro
         assert sorted(p.name for p in res.iterdir()) == ["metrics.jsonl", "noise.json", "results.json", "run.json"]
         noise = json.loads((res / "noise.json").read_text())
         assert "clean_mask" not in noise and sum(noise["flips"].values()) == noise["num_flipped"]
+        assert json.loads((res / "results.json").read_text())["noise"] == noise  # slimmed the same way
         meta = json.loads((res / "run.json").read_text())
         work = json.loads((tmp_path / "work" / n / "results.json").read_text())
         assert work["config"]["seed"] == meta["seed"] and work["method"] == meta["method"]
