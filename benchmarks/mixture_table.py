@@ -6,7 +6,9 @@ Times clean_probability(losses) end to end (validation, kmeans init, EM, posteri
 sklearn.mixture.GaussianMixture(2, random_state=0).fit(X) + predict_proba(X) on the same
 loss-like data (70 % near-zero exponential, 30 % gamma), with the released CleaR settings (tol
 1e-3, reg_covar 1e-6, max_iter 100) and DivideMix's (tol 1e-2, reg_covar 5e-4, max_iter 10).
-Median of --repeats runs, interleaved with sklearn's so both see the same machine load; each row
+sklearn runs with its default thread pools and again limited to one thread (threadpoolctl), as
+clear_fast runs torch on one thread. Median of --repeats runs, interleaved so that all see the
+same machine load; each row
 also reports max |p_clear_fast - p_sklearn| so that a fast but wrong fit cannot win. On a CUDA
 machine the data live on the GPU and each run ends with torch.cuda.synchronize(). Results go to
 benchmarks/results/mixture_<cpu|gpu name>.json and .md.
@@ -43,6 +45,7 @@ def timed(fn, sync):
 
 def run(sizes, repeats, sklearn_max_n):
     from sklearn.mixture import GaussianMixture
+    from threadpoolctl import threadpool_limits
 
     from clear_fast.mixture import clean_probability
 
@@ -61,23 +64,31 @@ def run(sizes, repeats, sklearn_max_n):
                 gm = GaussianMixture(2, random_state=0, **opts).fit(x[:, None])
                 return gm.predict_proba(x[:, None])[:, np.argmin(gm.means_.ravel())]
 
+            def sklearn_1t():
+                with threadpool_limits(1):
+                    return sklearn()
+
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # DivideMix's max_iter=10 may not converge
                 for _ in range(2):  # warm-up: imports, Triton compilation, allocator
                     p = ours()
                 sync()
                 ref_runs = repeats if n <= sklearn_max_n else 0
-                t_ours, t_ref = [], []
+                t_ours, t_ref, t_ref1 = [], [], []
                 for i in range(repeats):
                     t_ours.append(timed(ours, sync)[0])
                     if i < ref_runs:
                         dt, p_ref = timed(sklearn, lambda: None)
                         t_ref.append(dt)
-            row = dict(settings=name, n=n, clear_fast_ms=1e3 * statistics.median(t_ours))
+                        t_ref1.append(timed(sklearn_1t, lambda: None)[0])
+            ms = statistics.median(t_ours)
+            row = dict(settings=name, n=n, clear_fast_ms=1e3 * ms)
             if t_ref:
                 p = p.cpu().numpy() if isinstance(p, torch.Tensor) else p
                 row.update(sklearn_ms=1e3 * statistics.median(t_ref),
-                           speedup=statistics.median(t_ref) / statistics.median(t_ours),
+                           sklearn_1thread_ms=1e3 * statistics.median(t_ref1),
+                           speedup=statistics.median(t_ref) / ms,
+                           speedup_vs_1thread=statistics.median(t_ref1) / ms,
                            max_abs_diff_p=float(np.abs(p - p_ref).max()))
             rows.append(row)
             print(_fmt(row), flush=True)
@@ -85,8 +96,9 @@ def run(sizes, repeats, sklearn_max_n):
 
 
 def _fmt(row):
-    ref = (f"{row['sklearn_ms']:10.2f} {row['speedup']:8.1f}x  {row['max_abs_diff_p']:.1e}"
-           if "sklearn_ms" in row else f"{'-':>10} {'-':>9}  -")
+    ref = (f"{row['sklearn_ms']:10.2f} {row['speedup']:8.1f}x {row['sklearn_1thread_ms']:10.2f} "
+           f"{row['speedup_vs_1thread']:8.1f}x  {row['max_abs_diff_p']:.1e}"
+           if "sklearn_ms" in row else f"{'-':>10} {'-':>9} {'-':>10} {'-':>9}  -")
     return f"{row['settings']:<10} {row['n']:>8} {row['clear_fast_ms']:10.2f} {ref}"
 
 
@@ -130,7 +142,8 @@ def main():
     args = parser.parse_args()
     info = machine()
     print(json.dumps(info))
-    print(f"{'settings':<10} {'N':>8} {'ours ms':>10} {'sklearn ms':>10} {'speedup':>9}  max|dp|")
+    print(f"{'settings':<10} {'N':>8} {'ours ms':>10} {'sklearn ms':>10} {'speedup':>9} "
+          f"{'skl 1t ms':>10} {'speedup':>9}  max|dp|")
     rows = run(args.sizes, args.repeats, args.sklearn_max_n)
     device = "gpu_" + info["gpu"].replace(" ", "_").lower() if "gpu" in info else "cpu"
     os.makedirs(args.out_dir, exist_ok=True)
@@ -142,12 +155,15 @@ def main():
         f.write(f"`python benchmarks/mixture_table.py --repeats {args.repeats}`, median of "
                 f"{args.repeats} runs (sklearn interleaved), loss-like data.\n\n")
         f.write("Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()) + "\n\n")
-        f.write("| settings | N | clear_fast ms | sklearn ms | speedup | max abs diff p |\n")
-        f.write("|---|---:|---:|---:|---:|---:|\n")
+        f.write("| settings | N | clear_fast ms | sklearn ms | speedup | sklearn 1-thread ms | "
+                "speedup vs 1-thread | max abs diff p |\n"
+                "|---|---:|---:|---:|---:|---:|---:|---:|\n")
         for r in rows:
             f.write(f"| {r['settings']} | {r['n']} | {r['clear_fast_ms']:.2f} | "
-                    + (f"{r['sklearn_ms']:.2f} | {r['speedup']:.1f}x | {r['max_abs_diff_p']:.1e}"
-                       if "sklearn_ms" in r else "- | - | -") + " |\n")
+                    + (f"{r['sklearn_ms']:.2f} | {r['speedup']:.1f}x | "
+                       f"{r['sklearn_1thread_ms']:.2f} | {r['speedup_vs_1thread']:.1f}x | "
+                       f"{r['max_abs_diff_p']:.1e}"
+                       if "sklearn_ms" in r else "- | - | - | - | -") + " |\n")
     print("wrote", base + ".json", "and", base + ".md")
 
 

@@ -47,7 +47,7 @@ class ConvergenceWarning(UserWarning):
 
 
 def _as_tensor(x, name="x"):
-    """x (numpy / array-like / torch, [N] or [N, 1]) -> (float64 contiguous [N] tensor, is_torch)."""
+    """x (numpy / array-like / torch, [N] or [N, 1]) -> (float64 contiguous [N], is_torch)."""
     is_torch = isinstance(x, torch.Tensor)
     if is_torch:
         if x.is_complex() or x.dtype == torch.bool:
@@ -114,7 +114,7 @@ def _sq_dist(xc, x_sq, c):
 def _lloyd_labels(xc, centers, upper, out):
     """sklearn's Lloyd assignment argmin_j (c_j^2 - 2 x c_j), ties to cluster 0, in one dimension:
     cluster 1 = {x > midpoint} if c_1 > c_0 (upper), else {x < midpoint}. One comparison into `out`
-    (float64 0 / 1); it can differ from sklearn's rounding only within a few ulps of the midpoint."""
+    (float64 0 / 1); it can differ from sklearn's rounding only a few ulps from the midpoint."""
     mid = (centers[0] + centers[1]) * 0.5
     return (torch.gt if upper else torch.lt)(xc, mid, out=out)
 
@@ -208,7 +208,7 @@ def _estep2(x, means, variances, weights, bufs=None):
     c0 = math.log(p0) + math.log(w0) - 0.5 * _LOG_2PI
     c1 = math.log(p1) + math.log(w1) - 0.5 * _LOG_2PI
     bufs = _estep2_buffers(x) if bufs is None else bufs
-    d0, d1, q0, q1, _, r0, r1, tmp = bufs
+    d0, d1, q0, q1, ones, r0, r1, tmp = bufs
     torch.sub(x, m0, out=d0)
     torch.sub(x, m1, out=d1)
     torch.mul(d0, d0, out=q0)
@@ -216,7 +216,7 @@ def _estep2(x, means, variances, weights, bufs=None):
     s = torch.mul(q0, 0.5 * p0 * p0, out=tmp).add_(q1, alpha=-0.5 * p1 * p1).add_(c1 - c0)
     relu_sum = float(torch.clamp(s, min=0.0, out=r0).sum())
     torch.sigmoid(s, out=r1)
-    torch.neg(r1, out=r0).add_(1.0)
+    torch.sub(ones, r1, out=r0)
     log_max = float(torch.maximum(r0, r1, out=tmp).log_().sum())
     g = (bufs[4:7] @ bufs[0:5].T).tolist()  # rows (1, r0, r1) . columns (d0, d1, q0, q1, 1)
     total_ll = relu_sum - log_max + x.numel() * c0 - 0.5 * p0 * p0 * g[0][2]
@@ -320,7 +320,8 @@ class GaussianMixture1D:
         if isinstance(n_components, bool) or not isinstance(n_components, (int, np.integer)) \
                 or n_components < 1:
             raise ValueError(f"n_components must be a positive int, got {n_components!r}")
-        if isinstance(max_iter, bool) or not isinstance(max_iter, (int, np.integer)) or max_iter < 0:
+        if isinstance(max_iter, bool) or not isinstance(max_iter, (int, np.integer)) \
+                or max_iter < 0:
             raise ValueError(f"max_iter must be an int >= 0, got {max_iter!r}")
         for name, value in (("tol", tol), ("reg_covar", reg_covar)):
             if not isinstance(value, (int, float, np.floating)) or not value >= 0:
@@ -331,7 +332,8 @@ class GaussianMixture1D:
         if backend not in ("auto", "torch", "triton"):
             raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
         _check_random_state(random_state)  # type check now, draws at fit
-        self.n_components, self.tol, self.reg_covar = int(n_components), float(tol), float(reg_covar)
+        self.n_components, self.tol = int(n_components), float(tol)
+        self.reg_covar = float(reg_covar)
         self.max_iter, self.init_params = int(max_iter), init_params
         self.random_state, self.backend = random_state, backend
 

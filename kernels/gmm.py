@@ -40,7 +40,7 @@ MAX_PROGRAMS = 256  # partial sums per iteration; every program reduces all of t
 
 
 def m_step_reference(stats, shift, reg_covar):
-    """theta from sufficient statistics [3, K] (S0, S1, S2 about `shift` [K]), scikit-learn's M-step.
+    """theta from statistics [3, K] (S0, S1, S2 about `shift` [K]): scikit-learn's M-step.
 
     sklearn: nk = sum r + 10 eps, mu = sum r x / nk, var = sum r (x - mu)^2 / nk + reg_covar,
     w = nk / sum nk. Written in the shifted sums exactly (an empty component gets mu = 0 and

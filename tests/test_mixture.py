@@ -210,7 +210,8 @@ def test_errors_name_the_problem():
     bad = np.arange(20.0)
     bad[[3, 11]] = np.nan
     bad[17] = np.inf
-    with pytest.raises(ValueError, match=r"3 NaN or infinite value\(s\), first at indices \[3, 11, 17\]"):
+    with pytest.raises(ValueError,
+                       match=r"3 NaN or infinite value\(s\), first at indices \[3, 11, 17\]"):
         clean_probability(bad)
     with pytest.raises(ValueError, match=r"1-D or a column \[N, 1\], got shape \(10, 2\)"):
         GaussianMixture1D().fit(np.zeros((10, 2)))
