@@ -33,6 +33,7 @@ import numpy as np
 from .config import METHODS, TrainConfig, load_config_file, parse_config
 from .io import read_jsonl, save_figure, write_json, write_text
 from .noise import NOISE_TYPES
+from .plots import _pyplot
 
 GRID_KEYS = {"name", "description", "results_dir", "report_dir", "work_dir", "shared", "datasets", "methods",
              "variants", "noise", "seeds", "clean_seeds", "cost"}
@@ -475,6 +476,10 @@ def _method_key(m):
     return (METHOD_ORDER.get(base, len(METHOD_ORDER)), m != base, m)
 
 
+def _noise_key(r):
+    return r["dataset"], NOISE_ORDER.get(r["noise_type"], len(NOISE_ORDER)), r["noise_rate"]
+
+
 def aggregate(rows):
     """Mean, sample std (ddof 1) and count over seeds per dataset x noise x method."""
     groups = {}
@@ -487,7 +492,7 @@ def aggregate(rows):
         for m in METRICS + ("dev_epoch", "flip_rate", "wall_s"):
             entry[f"{m}_mean"], entry[f"{m}_std"], entry[f"{m}_n"] = _mean_std([r[m] for r in rs])
         table.append(entry)
-    table.sort(key=lambda e: (e["dataset"], NOISE_ORDER.get(e["noise_type"], 99), e["noise_rate"], _method_key(e["method"])))
+    table.sort(key=lambda e: (*_noise_key(e), _method_key(e["method"])))
     return table
 
 
@@ -572,7 +577,8 @@ def plot_accuracy_by_noise(table, path):
     """Dev-selected and last test accuracy per noise setting, one column of panels per dataset."""
     plt = _pyplot()
     datasets = list(dict.fromkeys(e["dataset"] for e in table))
-    fig, axes = plt.subplots(2, len(datasets), figsize=(5.5 * len(datasets), 7.5), squeeze=False)
+    fig, axes = plt.subplots(2, len(datasets), figsize=(5.5 * len(datasets), 7.5), squeeze=False,
+                             layout="constrained")
     for j, ds in enumerate(datasets):
         rows = [e for e in table if e["dataset"] == ds]
         noises = list(dict.fromkeys(e["noise"] for e in rows))
@@ -581,15 +587,16 @@ def plot_accuracy_by_noise(table, path):
             ax = axes[i][j]
             for k, m in enumerate(methods):
                 cells = {e["noise"]: e for e in rows if e["method"] == m}
-                xs = [x + 0.06 * (k - len(methods) / 2) for x, n in enumerate(noises) if n in cells]
+                xs = [x + 0.08 * (k - (len(methods) - 1) / 2) for x, n in enumerate(noises) if n in cells]
                 ys = [100 * cells[n][f"{metric}_mean"] for n in noises if n in cells]
                 es = [0 if math.isnan(cells[n][f"{metric}_std"]) else 100 * cells[n][f"{metric}_std"]
                       for n in noises if n in cells]
                 ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=m)
             ax.set_xticks(range(len(noises)), noises, rotation=20)
+            ax.set_xlim(-0.5, len(noises) - 0.5)
             ax.set_ylabel(f"{metric.replace('_', '-')} test accuracy (%)")
-            ax.set_title(ds)
             ax.grid(alpha=0.3)
+        axes[0][j].set_title(ds)
         axes[0][j].legend(fontsize=8)
     fig.suptitle("Test accuracy by label noise (mean ± std over seeds)")
     save_figure(fig, path)
@@ -599,12 +606,13 @@ def plot_accuracy_by_noise(table, path):
 def plot_auroc_over_epochs(rows, path):
     """Clean-detection AUROC per epoch, mean over seeds, one panel per dataset x noisy setting."""
     plt = _pyplot()
-    panels = list(dict.fromkeys((r["dataset"], r["noise"]) for r in rows if r["noise_type"] != "none"))
+    noisy = sorted((r for r in rows if r["noise_type"] != "none"), key=_noise_key)
+    panels = list(dict.fromkeys((r["dataset"], r["noise"]) for r in noisy))
     if not panels:
         return False
     cols = min(4, len(panels))
     nrows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.4 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.4 * nrows), squeeze=False, layout="constrained")
     for ax, (ds, nl) in zip(axes.flat, panels):
         rs = [r for r in rows if (r["dataset"], r["noise"]) == (ds, nl)]
         for m in sorted(dict.fromkeys(r["method"] for r in rs), key=_method_key):
@@ -616,6 +624,7 @@ def plot_auroc_over_epochs(rows, path):
             ax.plot(range(1, width + 1), np.nanmean(pad, axis=0), marker="o", ms=3, label=m)
         ax.set_title(f"{ds}, {nl}", fontsize=10)
         ax.set_xlabel("epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_ylabel("clean-detection AUROC")
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(panels):]:
@@ -625,15 +634,6 @@ def plot_auroc_over_epochs(rows, path):
     save_figure(fig, path)
     plt.close(fig)
     return True
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def report(results_dir, out_dir):

@@ -116,7 +116,8 @@ def test_tiny_grid_runs_skips_and_reports(tiny_bert, toy_files, tmp_path, in_pro
     assert comparison[0]["method"] == "clear-lora"
 
 
-def test_interrupted_run_resumes_and_a_finished_one_is_only_copied(tiny_bert, toy_files, tmp_path, monkeypatch):
+def test_interrupted_run_resumes_and_a_finished_one_is_only_copied(tiny_bert, toy_files, tmp_path, monkeypatch,
+                                                                    capsys):
     grid = ex.load_grid(write_grid(tmp_path / "grid.yaml", tiny_bert, toy_files, seeds=[0],
                                    methods={"lora": {}}))
     grid.results_dir, grid.work_dir = tmp_path / "results", tmp_path / "work"
@@ -140,6 +141,12 @@ def test_interrupted_run_resumes_and_a_finished_one_is_only_copied(tiny_bert, to
     calls.clear()
     assert ex.run_grid(grid, grid.runs) == 0 and calls == []
     assert ex.run_status(spec, grid) == "done"
+
+    # the grid changed after the run finished: the committed result is kept, and the user is told
+    spec.flags["learning_rate"] = 1e-2
+    assert ex.stale_flags(spec, grid) == {"learning_rate": (3e-3, 1e-2)}
+    assert ex.run_grid(grid, grid.runs) == 0 and calls == []
+    assert "made with other settings: learning_rate 0.003 (grid now 0.01)" in capsys.readouterr().out
 
 
 def test_commit_puts_only_the_run_folder_in_a_commit(tmp_path, monkeypatch):
@@ -228,6 +235,8 @@ def test_grid_expansion_filters_and_dry_run(tiny_bert, toy_files, tmp_path, caps
     out = capsys.readouterr().out
     assert out.count("  new ") == 3 and "would run 3 runs, estimated" in out
     assert not (tmp_path / "work").exists(), "a dry run trains nothing"
+    assert ex.main(["--grid", str(path), *dirs(tmp_path), "--dry-run", "--max-runs", "5"]) == 0
+    assert "would run 5 runs" in capsys.readouterr().out
     assert ex.main(["--grid", str(path), *dirs(tmp_path), "--seeds", "7"]) == 2
     assert "match no run" in capsys.readouterr().err
 
