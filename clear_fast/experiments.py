@@ -117,36 +117,9 @@ def load_grid(path):
         if not raw.get(key):
             raise err(f"'{key}' is missing or empty")
 
-    shared = _flags(raw.get("shared"), "shared", err)
-    datasets = _named_flags(raw["datasets"], "datasets", err)
-    methods = {}
-    for label, flags in _named_flags(raw["methods"], "methods", err).items():
-        base = flags.pop("method", label)
-        methods[label] = (base, flags)
-    for i, v in enumerate(raw.get("variants") or []):
-        if not isinstance(v, dict) or "base" not in v or set(v) - {"base", "flags", "name"}:
-            raise err(f"variants[{i}] must be a mapping with 'base', 'flags' and optionally 'name', got {v!r}")
-        if v["base"] not in methods:
-            raise err(f"variants[{i}]: base {v['base']!r} is not one of the grid's methods ({', '.join(methods)})")
-        base, base_flags = methods[v["base"]]
-        extra = _flags(v.get("flags"), f"variants[{i}].flags", err)
-        if not extra:
-            raise err(f"variants[{i}] has no flags: it would repeat {v['base']!r}")
-        label = v.get("name") or v["base"] + "[" + ",".join(f"{k.replace('_', '-')}={_fmt(x)}"
-                                                            for k, x in extra.items()) + "]"
-        if label in methods:
-            raise err(f"variants[{i}]: the name {label!r} is used twice")
-        methods[label] = (base, {**base_flags, **extra})
-    for label, (base, _) in methods.items():
-        if base not in METHODS:
-            raise err(f"method {label!r}: {base!r} is not one of {', '.join(METHODS)} "
-                      "(set 'method:' inside the entry for a named setting of one of them)")
-    slugs = {}
-    for label in methods:
-        if slug(label) in slugs:
-            raise err(f"methods {slugs[slug(label)]!r} and {label!r} give the same folder name {slug(label)!r}")
-        slugs[slug(label)] = label
-
+    shared = _flags(raw.get("shared"), "shared", err, also_reserved={"dataset", "method"})
+    datasets = _named_flags(raw["datasets"], "datasets", err, also_reserved={"method"})
+    methods = _methods(raw, err)
     noise = [_noise_entry(n, i, err) for i, n in enumerate(raw["noise"])]
     seeds = _seeds(raw["seeds"], "seeds", err)
     clean_seeds = _seeds(raw.get("clean_seeds", seeds[:1]), "clean_seeds", err)
@@ -171,41 +144,75 @@ def load_grid(path):
     for spec in runs:  # every flag checked now, before hours of training
         try:
             spec.config()
-        except (ValueError, SystemExit) as e:
-            raise err(f"run {spec.name}: {e if isinstance(e, ValueError) else 'bad flags ' + ' '.join(spec.argv('x'))}") from None
+        except ValueError as e:
+            raise err(f"run {spec.name}: {e}") from None
+        except SystemExit:  # argparse rejected a value (its message is on stderr)
+            raise err(f"run {spec.name}: bad flag value in {' '.join(spec.argv('x'))}") from None
     here = lambda key, default: Path(raw.get(key) or default)
     name = str(raw.get("name") or path.stem)
     return Grid(path, name, runs, here("results_dir", "experiments/results"),
                 here("report_dir", "experiments/report"), here("work_dir", f"runs/experiments/{name}"), cost)
 
 
+def _methods(raw, err):
+    """{label: (base method, flags)} from 'methods' and 'variants' (labelled base[flag=value,...])."""
+    methods = {}
+    for label, flags in _named_flags(raw["methods"], "methods", err).items():
+        methods[label] = (flags.pop("method", label), flags)
+    for i, v in enumerate(raw.get("variants") or []):
+        if not isinstance(v, dict) or "base" not in v or set(v) - {"base", "flags", "name"}:
+            raise err(f"variants[{i}] must be a mapping with 'base', 'flags' and optionally 'name', got {v!r}")
+        if v["base"] not in methods:
+            raise err(f"variants[{i}]: base {v['base']!r} is not one of the grid's methods ({', '.join(methods)})")
+        base, base_flags = methods[v["base"]]
+        extra = _flags(v.get("flags"), f"variants[{i}].flags", err, also_reserved={"method"})
+        if not extra:
+            raise err(f"variants[{i}] has no flags: it would repeat {v['base']!r}")
+        label = v.get("name") or v["base"] + "[" + ",".join(f"{k.replace('_', '-')}={_fmt(x)}"
+                                                            for k, x in extra.items()) + "]"
+        if label in methods:
+            raise err(f"variants[{i}]: the name {label!r} is used twice")
+        methods[label] = (base, {**base_flags, **extra})
+    slugs = {}
+    for label, (base, _) in methods.items():
+        if base not in METHODS:
+            raise err(f"method {label!r}: {base!r} is not one of {', '.join(METHODS)} "
+                      "(set 'method:' inside the entry for a named setting of one of them)")
+        if slug(label) in slugs:
+            raise err(f"methods {slugs[slug(label)]!r} and {label!r} give the same folder name {slug(label)!r}")
+        slugs[slug(label)] = label
+    return methods
+
+
 def _fmt(x):
     return f"{x:g}" if isinstance(x, float) else str(x).lower() if isinstance(x, bool) else str(x)
 
 
-def _flags(d, where, err):
+def _flags(d, where, err, also_reserved=()):
+    """Training flags of one grid entry (dashes or underscores), checked by name."""
     if d is None:
         return {}
     if not isinstance(d, dict):
         raise err(f"{where} must be a mapping of training flags, got {d!r}")
-    names = {f for f in TrainConfig.__dataclass_fields__}
     out = {}
     for k, v in d.items():
         key = str(k).replace("-", "_")
         if key in RUNNER_FLAGS:
             raise err(f"{where}: '{k}' is set by the runner for every run and cannot be set in a grid")
-        if key not in names | {"method"}:
+        if key in also_reserved:
+            raise err(f"{where}: '{k}' cannot be set here (datasets and methods are the grid's own keys)")
+        if key not in TrainConfig.__dataclass_fields__:
             raise err(f"{where}: unknown training flag '{k}' (see python -m clear_fast.train --help)")
         out[key] = v
     return out
 
 
-def _named_flags(d, where, err):
+def _named_flags(d, where, err, also_reserved=()):
     if isinstance(d, list):  # a plain list of names
         d = {name: None for name in d}
     if not isinstance(d, dict):
         raise err(f"'{where}' must be a list of names or a mapping of names to flags")
-    return {str(name): _flags(flags, f"{where}.{name}", err) for name, flags in d.items()}
+    return {str(name): _flags(flags, f"{where}.{name}", err, also_reserved) for name, flags in d.items()}
 
 
 def _noise_entry(n, i, err):

@@ -264,6 +264,9 @@ def test_time_estimate_follows_the_settings(tiny_bert, toy_files, tmp_path):
     ({"methods": {"lora": {"num_epochs": 0}}}, "num-epochs must be a positive integer"),
     ({"variants": [{"base": "full", "flags": {"gamma": 0.7}}]}, "base 'full' is not one of the grid's methods"),
     ({"colour": "red"}, "unknown key(s) colour"),
+    ({"shared": {"method": "full"}}, "'method' cannot be set here"),
+    ({"methods": {"lora": {"learning_rate": "fast"}}}, "bad flag value"),
+    ({"methods": {"a b": {"method": "lora"}, "a+b": {"method": "lora"}}}, "give the same folder name"),
 ])
 def test_bad_grid_files_give_clear_errors(tiny_bert, toy_files, tmp_path, capsys, change, message):
     path = write_grid(tmp_path / "bad.yaml", tiny_bert, toy_files, **change)
