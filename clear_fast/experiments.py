@@ -335,13 +335,15 @@ def launch(argv, log_path):
                 log.write(line)
             return proc.wait()
         except KeyboardInterrupt:
-            if proc.poll() is None:
+            try:  # a terminal's Ctrl-C reached the child too: let it checkpoint and exit
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:  # the SIGINT was sent to this process only
                 proc.send_signal(signal.SIGINT)
-            proc.wait()
+                proc.wait()
             raise
 
 
-def collect(spec, grid, wall_s=None):
+def collect(spec, grid, wall_s=None, estimated_s=None):
     """Copy a finished run's small files to <results_dir>/<name>/, plus run.json (how it was made)."""
     src, dst = grid.work_dir / spec.name, grid.results_dir / spec.name
     dst.mkdir(parents=True, exist_ok=True)
@@ -353,6 +355,7 @@ def collect(spec, grid, wall_s=None):
     write_json(dst / "run.json", {"name": spec.name, "dataset": spec.dataset, "noise": spec.noise,
                                   "method": spec.method, "base_method": spec.base_method, "seed": spec.seed,
                                   "flags": spec.flags, "grid": str(grid.path), "runner_wall_s": wall_s,
+                                  "estimated_s": None if estimated_s is None else round(estimated_s, 1),
                                   "command": "python -m clear_fast.train " + " ".join(
                                       spec.argv(grid.work_dir / spec.name))})
     return dst
@@ -412,7 +415,9 @@ def run_grid(grid, runs, dry_run=False, max_runs=None, commit=False, progress=Fa
     for k, (r, s) in enumerate(train, 1):
         out = grid.work_dir / r.name
         if s != "copy":
-            print(f"\n[{k}/{len(train)}] {r.name} ({s}, estimated {_hms(est.get(r.name))})", flush=True)
+            left = sum(est.get(x.name) or 0 for x, _ in train[k - 1:])
+            print(f"\n[{k}/{len(train)}] {r.name} ({s}, estimated {_hms(est.get(r.name))}; "
+                  f"{_hms(left)} left with this one)", flush=True)
             extra = {"resume": ["--resume"], "restart": ["--overwrite"]}.get(s, [])
             t0 = time.time()
             try:
@@ -427,7 +432,7 @@ def run_grid(grid, runs, dry_run=False, max_runs=None, commit=False, progress=Fa
             wall = round(time.time() - t0, 1)
         else:
             wall = None
-        dst = collect(r, grid, wall)
+        dst = collect(r, grid, wall, est.get(r.name))
         if commit:
             git_commit(dst, f"results: {r.name}")
         print(f"  results in {dst}" + (" (committed)" if commit else ""), flush=True)
@@ -442,6 +447,10 @@ ACC_METRICS = ("best", "last", "dev_selected")
 METRICS = ACC_METRICS + ("dev_best", "auroc")
 METHOD_ORDER = {m: i for i, m in enumerate(("lora", "clear-lora", "oracle-lora", "full"))}
 NOISE_ORDER = {t: i for i, t in enumerate(NOISE_TYPES)}
+
+
+# Configuration keys that may differ between the seeds of one table cell.
+PER_RUN_SETTINGS = {"seed", "noise_seed", "output_dir", "overwrite", "resume", "progress", "plots", "save_adapter"}
 
 
 def load_results(results_dir):
@@ -467,6 +476,8 @@ def load_results(results_dir):
             "auroc": det.get("auroc"),
             "flip_rate": noise.get("achieved_flip_rate"), "wall_s": res.get("wall_time_s"),
             "auroc_by_epoch": [r.get("clean_auroc") for r in records],
+            "settings": json.dumps({k: v for k, v in res.get("config", {}).items() if k not in PER_RUN_SETTINGS},
+                                   sort_keys=True),
         })
     return rows
 
@@ -495,7 +506,8 @@ def aggregate(rows):
     table = []
     for (ds, nl, method), rs in groups.items():
         entry = {"dataset": ds, "noise": nl, "noise_type": rs[0]["noise_type"], "noise_rate": rs[0]["noise_rate"],
-                 "method": method, "n": len(rs), "seeds": " ".join(str(s) for s in sorted(r["seed"] for r in rs))}
+                 "method": method, "n": len(rs), "seeds": " ".join(str(s) for s in sorted(r["seed"] for r in rs)),
+                 "mixed_settings": len({r["settings"] for r in rs}) > 1}
         for m in METRICS + ("dev_epoch", "flip_rate", "wall_s"):
             entry[f"{m}_mean"], entry[f"{m}_std"], entry[f"{m}_n"] = _mean_std([r[m] for r in rs])
         table.append(entry)
@@ -545,13 +557,15 @@ def markdown_report(table, comparison, n_runs, results_dir):
              "over seeds (n = number of seeds); best = best epoch, last = last epoch, dev-selected = the epoch "
              "with the best dev accuracy; best dev = that dev accuracy (for tuning); AUROC = clean-detection "
              "AUROC of the last epoch's clean probability against the true clean mask (– where undefined, "
-             "e.g. clean data).", ""]
+             "e.g. clean data). A method marked *(mixed settings)* averages runs whose configurations differ "
+             "in more than the seed.", ""]
     for ds in dict.fromkeys(e["dataset"] for e in table):
         lines += [f"### {ds}", "", "| noise | method | n | best | last | dev-selected | best dev | final AUROC |",
                   "|---|---|---|---|---|---|---|---|"]
         for e in (e for e in table if e["dataset"] == ds):
             cells = [_cell(e, m) for m in ACC_METRICS + ("dev_best",)] + [_cell(e, "auroc", 1.0, 3)]
-            lines.append(f"| {e['noise']} | {e['method']} | {e['n']} | " + " | ".join(cells) + " |")
+            method = e["method"] + (" **(mixed settings)**" if e["mixed_settings"] else "")
+            lines.append(f"| {e['noise']} | {method} | {e['n']} | " + " | ".join(cells) + " |")
         lines.append("")
     if comparison:
         lines += ["### Each method minus lora (percentage points)", "",
@@ -652,6 +666,9 @@ def report(results_dir, out_dir):
         raise ValueError(f"no finished runs (*/results.json) under {results_dir}")
     table, out_dir = aggregate(rows), Path(out_dir)
     comparison = compare_to(table)
+    for e in (e for e in table if e["mixed_settings"]):
+        print(f"warning: {e['dataset']} / {e['noise']} / {e['method']} mixes runs made with different settings "
+              f"(compare their results.json 'config')", file=sys.stderr)
     write_csv(out_dir / "results.csv", table)
     write_csv(out_dir / "comparison.csv", comparison)
     write_text(out_dir / "results.md", markdown_report(table, comparison, len(rows), results_dir) + "\n")

@@ -166,12 +166,12 @@ def test_commit_puts_only_the_run_folder_in_a_commit(tmp_path, monkeypatch):
     assert "other.txt" in git("diff", "--cached", "--name-only")
 
 
-def fake_run(root, dataset, noise, rate, method, seed, best, last, dev_sel, auroc, aurocs=()):
+def fake_run(root, dataset, noise, rate, method, seed, best, last, dev_sel, auroc, aurocs=(), lr=2e-3):
     d = root / f"{dataset}__{ex.noise_label(noise, rate)}__{ex.slug(method)}__seed{seed}"
     d.mkdir(parents=True)
     res = {"dataset": dataset, "method": method.split("[")[0], "noise": {"noise_type": noise, "requested_rate": rate},
            "best_test_accuracy": best, "last_test_accuracy": last, "dev_selected_test_accuracy": dev_sel,
-           "final_clean_detection": {"auroc": auroc}, "config": {"seed": seed}}
+           "final_clean_detection": {"auroc": auroc}, "config": {"seed": seed, "learning_rate": lr}}
     (d / "results.json").write_text(json.dumps(res))
     (d / "run.json").write_text(json.dumps({"method": method, "dataset": dataset, "seed": seed}))
     (d / "metrics.jsonl").write_text("".join(json.dumps({"clean_auroc": a, "dev_accuracy": 0.5 + seed / 10}) + "\n"
@@ -186,6 +186,8 @@ def test_report_mean_std_and_seed_spread_by_hand(tmp_path):
         fake_run(r, "bank", "symmetric", 0.4, "lora", s, b, l, d, 0.7, aurocs=(0.7,))
     fake_run(r, "bank", "symmetric", 0.4, "clear-lora[gamma=0.7]", 0, 0.9, 0.9, 0.9, 0.95)
     fake_run(r, "bank", "none", 0.0, "lora", 0, 0.9, 0.88, 0.89, None)
+    fake_run(r, "bank", "none", 0.0, "full", 0, 0.9, 0.88, 0.89, None)
+    fake_run(r, "bank", "none", 0.0, "full", 1, 0.9, 0.88, 0.89, None, lr=1e-3)
     table, comp = ex.report(r, tmp_path / "out")
     t = {(e["noise"], e["method"]): e for e in table}
     c = t[("symmetric0.4", "clear-lora")]
@@ -198,8 +200,10 @@ def test_report_mean_std_and_seed_spread_by_hand(tmp_path):
     assert t[("none", "lora")]["n"] == 1 and math.isnan(t[("none", "lora")]["best_std"])
     assert math.isnan(t[("none", "lora")]["auroc_mean"])
     # order: noise none first, then lora, clear-lora, its variant
-    assert [k for k in t] == [("none", "lora"), ("symmetric0.4", "lora"), ("symmetric0.4", "clear-lora"),
-                              ("symmetric0.4", "clear-lora[gamma=0.7]")]
+    assert [k for k in t] == [("none", "lora"), ("none", "full"), ("symmetric0.4", "lora"),
+                              ("symmetric0.4", "clear-lora"), ("symmetric0.4", "clear-lora[gamma=0.7]")]
+    assert t[("none", "full")]["mixed_settings"] and not c["mixed_settings"]
+    assert "| none | full **(mixed settings)** | 2 |" in (tmp_path / "out" / "results.md").read_text()
     cmp = {x["method"]: x for x in comp}
     # best: +0.01 vs pooled sqrt((0.04^2 + 0.01^2) / 2) = 0.0292 -> within; last: +0.13 vs 0.0381 -> beyond
     assert math.isclose(cmp["clear-lora"]["best_diff"], 0.01) and cmp["clear-lora"]["best_verdict"] == "within seed spread"
@@ -210,8 +214,8 @@ def test_report_mean_std_and_seed_spread_by_hand(tmp_path):
     assert "| symmetric0.4 | clear-lora | 3 | 74.0 ± 4.0 | 64.0 ± 5.3 | 69.0 ± 4.0 | 60.0 ± 10.0 | 0.850 ± 0.050 |" in md
     assert "+1.0 (within seed spread)" in md and "+13.0 |" in md
     csv_text = (tmp_path / "out" / "results.csv").read_text().splitlines()
-    assert csv_text[0].startswith("dataset,noise,noise_type,noise_rate,method,n,seeds,best_mean,best_std")
-    assert len(csv_text) == 1 + 4
+    assert csv_text[0].startswith("dataset,noise,noise_type,noise_rate,method,n,seeds,mixed_settings,best_mean,best_std")
+    assert len(csv_text) == 1 + 5
 
 
 def test_grid_expansion_filters_and_dry_run(tiny_bert, toy_files, tmp_path, capsys):
