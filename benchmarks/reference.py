@@ -75,10 +75,12 @@ def released_lora_reference(model, r=4, lora_alpha=1.0, target_modules=("query",
     config = LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                         target_modules=list(target_modules), modules_to_save=head_module_names(model))
     peft_model = get_peft_model(model, config)
-    layers = _encoder_layers(peft_model.base_model.model)
+    inner = peft_model.base_model.model
+    layers = _encoder_layers(inner)
     for i, f in enumerate(frozen):
         layers[i] = DualPathLayer(layers[i], f.to(next(layers[i].parameters()).device))
-    return peft_model, Router([[layer] for layer in layers])
+    names = [n for n, m in inner.named_modules() if isinstance(m, DualPathLayer)]
+    return peft_model, Router([[layer] for layer in layers], names)
 
 
 def sklearn_clean_probability(losses, random_state=0):
