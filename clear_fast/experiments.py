@@ -377,21 +377,27 @@ def git_commit(path, message, attempts=30):
     top = subprocess.run(["git", "-C", str(path), "rev-parse", "--show-toplevel"], capture_output=True, text=True)
     if top.returncode:
         raise RuntimeError(f"--commit: {path} is not inside a git repository")
-    rel = os.path.relpath(path, top.stdout.strip())
-    for cmd in (["git", "add", rel], ["git", "commit", "-q", "-m", message, "--", rel]):
+    top, rel = top.stdout.strip(), os.path.relpath(path, top.stdout.strip())
+
+    def git(*args, ok=(0,)):
         for _ in range(attempts):
-            p = subprocess.run(cmd, cwd=top.stdout.strip(), capture_output=True, text=True)
-            if p.returncode == 0 or "index.lock" not in p.stderr:
+            p = subprocess.run(["git", *args], cwd=top, capture_output=True, text=True)
+            if "index.lock" not in p.stderr:
                 break
             time.sleep(2)  # someone else's git command holds the index
-        if p.returncode:
-            raise RuntimeError(f"{' '.join(cmd)} failed: {p.stderr.strip() or p.stdout.strip()}")
+        if p.returncode not in ok:
+            raise RuntimeError(f"git {' '.join(args)} failed: {p.stderr.strip() or p.stdout.strip()}")
+        return p.returncode
+
+    git("add", rel)
+    if git("diff", "--cached", "--quiet", "--", rel, ok=(0, 1)):  # 1: there is something to commit
+        git("commit", "-q", "-m", message, "--", rel)
 
 
 def run_grid(grid, runs, dry_run=False, max_runs=None, commit=False, progress=False):
     """Run (or list) the given runs in order; returns the process exit status."""
     todo = [(r, run_status(r, grid)) for r in runs]
-    est = {r.name: estimate_seconds(r, grid.cost) for r, s in todo if s not in ("done", "copy")}
+    est = {r.name: estimate_seconds(r, grid.cost) for r, s in todo if s != "done"}
     print(f"grid {grid.name} ({grid.path}): {len(runs)} runs selected, "
           f"{sum(s == 'done' for _, s in todo)} done; results in {grid.results_dir}, work dir {grid.work_dir}")
     for r, s in todo:
@@ -404,7 +410,7 @@ def run_grid(grid, runs, dry_run=False, max_runs=None, commit=False, progress=Fa
     if max_runs is not None:
         needs = [x for x in train if x[1] != "copy"][:max_runs]
         train = [x for x in train if x[1] == "copy" or x in needs]
-    total = sum(est.get(r.name) or 0 for r, _ in train)
+    total = sum(est.get(r.name) or 0 for r, s in train if s != "copy")
     if dry_run:
         for r, s in todo:
             print(f"  {s:8s} {_hms(est.get(r.name)) if s not in ('done', 'copy') else '-':>8s}  {r.name}")
@@ -415,7 +421,7 @@ def run_grid(grid, runs, dry_run=False, max_runs=None, commit=False, progress=Fa
     for k, (r, s) in enumerate(train, 1):
         out = grid.work_dir / r.name
         if s != "copy":
-            left = sum(est.get(x.name) or 0 for x, _ in train[k - 1:])
+            left = sum(est.get(x.name) or 0 for x, xs in train[k - 1:] if xs != "copy")
             print(f"\n[{k}/{len(train)}] {r.name} ({s}, estimated {_hms(est.get(r.name))}; "
                   f"{_hms(left)} left with this one)", flush=True)
             extra = {"resume": ["--resume"], "restart": ["--overwrite"]}.get(s, [])

@@ -164,6 +164,8 @@ def test_commit_puts_only_the_run_folder_in_a_commit(tmp_path, monkeypatch):
     assert git("log", "--format=%s").strip() == "results: a__none__lora__seed0"
     assert git("show", "--name-only", "--format=").split() == ["experiments/results/a__none__lora__seed0/results.json"]
     assert "other.txt" in git("diff", "--cached", "--name-only")
+    ex.git_commit(run, "results: again")  # nothing changed (e.g. a re-copy): no error, no empty commit
+    assert len(git("log", "--format=%s").splitlines()) == 1
 
 
 def fake_run(root, dataset, noise, rate, method, seed, best, last, dev_sel, auroc, aurocs=(), lr=2e-3):
