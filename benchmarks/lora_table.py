@@ -187,9 +187,12 @@ def main(argv=None):
     ap.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (GPU default)")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args(argv)
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     repeats = args.repeats or (5 if args.quick else 15)
     load_before = round(os.getloadavg()[0], 2)
@@ -226,7 +229,7 @@ def main(argv=None):
               "shape": dict(zip(("batch", "seq"), shape_for(device))), "rank": RANK,
               "repeats": repeats, "rows": rows, "targets": targets(rows, device.type)}
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"lora_{device.type}")
+    stem = os.path.join(args.out, f"lora_{device.type}" + (f"_{args.threads}t" if args.threads else ""))
     with open(stem + ".json", "w") as f:
         json.dump(result, f, indent=1)
     with open(stem + ".md", "w") as f:

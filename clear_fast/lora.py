@@ -58,6 +58,8 @@ def _routed_rows(mask, rows_per_mask):
 def _shrink_torch(x, w, mask, rows_per_mask):
     rows = _routed_rows(mask, rows_per_mask)
     acc, cd = _acc_dtype(x.dtype), torch.promote_types(x.dtype, w.dtype)
+    if rows.numel() == 0:
+        return torch.zeros((x.shape[0], w.shape[0]), dtype=acc, device=x.device)
     every = rows.numel() == x.shape[0]
     m = mask.to(acc).index_select(0, rows // rows_per_mask)[:, None]
     val = ((x if every else x.index_select(0, rows)).to(cd) @ w.to(cd).T).to(acc) * m
@@ -82,18 +84,41 @@ def _expand_torch_(y, u, w, mask, rows_per_mask, scaling):
 def _grad_torch(p, q, mask, rows_per_mask, scaling, transpose):
     rows = _routed_rows(mask, rows_per_mask)
     acc = _acc_dtype(q.dtype)
+    shape = (q.shape[1], p.shape[1]) if transpose else (p.shape[1], q.shape[1])
+    if rows.numel() == 0:
+        return torch.zeros(shape, dtype=acc, device=q.device)
     if rows.numel() != q.shape[0]:
         p, q = p.index_select(0, rows), q.index_select(0, rows)
     p, q = p.to(acc), q.to(acc)
     return (q.T @ p if transpose else p.T @ q).mul_(scaling)
 
 
-# ------------------------------------------------------------ the primitives as torch custom ops
-@torch.library.custom_op("clear_fast::lora_shrink", mutates_args=())
-def _shrink_op(x: Tensor, w: Tensor, mask: Tensor, rows_per_mask: int, backend: str) -> Tensor:
+# ------------------------------------------------------------ each primitive: Triton or torch
+def _shrink_impl(x, w, mask, rows_per_mask, backend):
     if _use_triton(x, backend):
         return _kernels().lora_shrink(x, w, mask, rows_per_mask)
     return _shrink_torch(x, w, mask, rows_per_mask)
+
+
+def _expand_impl_(y, u, w, mask, rows_per_mask, scaling, backend):
+    if _use_triton(y, backend):
+        _kernels().lora_expand_(y, u, w, mask, rows_per_mask, scaling)
+    else:
+        _expand_torch_(y, u, w, mask, rows_per_mask, scaling)
+
+
+def _grad_impl(p, q, mask, rows_per_mask, scaling, transpose, backend):
+    if _use_triton(q, backend):
+        return _kernels().lora_grad(p, q, mask, rows_per_mask, scaling, transpose)
+    return _grad_torch(p, q, mask, rows_per_mask, scaling, transpose)
+
+
+# ------------------------------------------------------------ the same as torch custom ops
+# torch.compile traces these (it cannot look inside them); eager calls skip the custom-op
+# dispatcher, which costs 20-150 us a call (measured).
+@torch.library.custom_op("clear_fast::lora_shrink", mutates_args=())
+def _shrink_op(x: Tensor, w: Tensor, mask: Tensor, rows_per_mask: int, backend: str) -> Tensor:
+    return _shrink_impl(x, w, mask, rows_per_mask, backend)
 
 
 @_shrink_op.register_fake
@@ -104,10 +129,7 @@ def _(x, w, mask, rows_per_mask, backend):
 @torch.library.custom_op("clear_fast::lora_expand_", mutates_args=("y",))
 def _expand_op(y: Tensor, u: Tensor, w: Tensor, mask: Tensor, rows_per_mask: int,
                scaling: float, backend: str) -> None:
-    if _use_triton(y, backend):
-        _kernels().lora_expand_(y, u, w, mask, rows_per_mask, scaling)
-    else:
-        _expand_torch_(y, u, w, mask, rows_per_mask, scaling)
+    _expand_impl_(y, u, w, mask, rows_per_mask, scaling, backend)
 
 
 @_expand_op.register_fake
@@ -118,9 +140,7 @@ def _(y, u, w, mask, rows_per_mask, scaling, backend):
 @torch.library.custom_op("clear_fast::lora_grad", mutates_args=())
 def _grad_op(p: Tensor, q: Tensor, mask: Tensor, rows_per_mask: int, scaling: float,
              transpose: bool, backend: str) -> Tensor:
-    if _use_triton(q, backend):
-        return _kernels().lora_grad(p, q, mask, rows_per_mask, scaling, transpose)
-    return _grad_torch(p, q, mask, rows_per_mask, scaling, transpose)
+    return _grad_impl(p, q, mask, rows_per_mask, scaling, transpose, backend)
 
 
 @_grad_op.register_fake
@@ -129,18 +149,32 @@ def _(p, q, mask, rows_per_mask, scaling, transpose, backend):
     return q.new_empty(shape, dtype=_acc_dtype(q.dtype))
 
 
+def _eager_or_op(fn, op):
+    def call(*args):
+        return op(*args) if torch.compiler.is_compiling() else fn(*args)
+    return call
+
+
+_shrink = _eager_or_op(_shrink_impl, _shrink_op)
+_expand_ = _eager_or_op(_expand_impl_, _expand_op)
+_grad = _eager_or_op(_grad_impl, _grad_op)
+
+
 # ------------------------------------------------------------ autograd
 class RoutedLoRAFunction(torch.autograd.Function):
-    """Routed LoRA on 2-D inputs. x [M, in]; x_lora (dropout(x)) or None for x itself;
-    mask [G] float (row i uses mask[i // rows_per_mask]). Use routed_lora_linear, which checks."""
+    """Routed LoRA. x [..., in] (M rows); x_lora (dropout(x)) or None for x itself; mask [G] float
+    (row i uses mask[i // rows_per_mask]). Use routed_lora_linear, which checks the inputs."""
 
     @staticmethod
     def forward(ctx, x, x_lora, weight, bias, lora_A, lora_B, scaling, mask, rows_per_mask,
                 backend):
-        xl = x if x_lora is None else x_lora
+        # The base is F.linear on x as given, the very call bypassed rows must equal bit for bit.
         out = F.linear(x, weight, bias)
-        u = _shrink_op(xl, lora_A, mask, rows_per_mask, backend)
-        _expand_op(out, u, lora_B, mask, rows_per_mask, scaling, backend)
+        if not out.is_contiguous():  # the LoRA term is added in place through a 2-D view
+            out = out.contiguous()
+        xl = (x if x_lora is None else x_lora).reshape(-1, x.shape[-1])
+        u = _shrink(xl, lora_A, mask, rows_per_mask, backend)
+        _expand_(out.view(-1, out.shape[-1]), u, lora_B, mask, rows_per_mask, scaling, backend)
         ctx.save_for_backward(x, x_lora, weight, lora_A, lora_B, mask, u)
         ctx.scaling, ctx.rows_per_mask, ctx.backend = scaling, rows_per_mask, backend
         ctx.has_bias = bias is not None
@@ -151,25 +185,29 @@ class RoutedLoRAFunction(torch.autograd.Function):
         x, x_lora, weight, lora_A, lora_B, mask, u = ctx.saved_tensors
         s, rpm, backend = ctx.scaling, ctx.rows_per_mask, ctx.backend
         need = ctx.needs_input_grad
-        dy = dy.contiguous()
-        xl = x if x_lora is None else x_lora
-        g = _shrink_op(dy, lora_B.T, mask, rpm, backend)  # m * dY B, [M, r]
+        shape = x.shape
+        dy = dy.reshape(-1, dy.shape[-1]).contiguous()
+        x = x.reshape(-1, shape[-1])
+        xl = x if x_lora is None else x_lora.reshape(-1, shape[-1])
+        g = _shrink(dy, lora_B.T, mask, rpm, backend)  # m * dY B, [M, r]
         dx = dx_lora = dW = db = dA = dB = None
         if need[0]:
             dx = dy @ weight
-        if need[0] and x_lora is None:
-            _expand_op(dx, g, lora_A.T, mask, rpm, s, backend)  # dx += s m (dY B) A, in place
+            if x_lora is None:
+                _expand_(dx, g, lora_A.T, mask, rpm, s, backend)  # dx += s m (dY B) A, in place
+            dx = dx.view(shape)
         if need[1] and x_lora is not None:
-            dx_lora = torch.zeros_like(x_lora)
-            _expand_op(dx_lora, g, lora_A.T, mask, rpm, s, backend)
+            dx_lora = torch.zeros_like(xl)
+            _expand_(dx_lora, g, lora_A.T, mask, rpm, s, backend)
+            dx_lora = dx_lora.view(shape)
         if need[2]:
             dW = dy.T @ x  # only when the user made the frozen weight trainable
         if need[3] and ctx.has_bias:
             db = dy.sum(0)
         if need[4]:
-            dA = _grad_op(g, xl, mask, rpm, s, False, backend).to(lora_A.dtype)  # s G^T x
+            dA = _grad(g, xl, mask, rpm, s, False, backend).to(lora_A.dtype)  # s G^T x
         if need[5]:
-            dB = _grad_op(u, dy, mask, rpm, s, True, backend).to(lora_B.dtype)  # s dY^T U
+            dB = _grad(u, dy, mask, rpm, s, True, backend).to(lora_B.dtype)  # s dY^T U
         return dx, dx_lora, dW, db, dA, dB, None, None, None, None
 
 
@@ -243,14 +281,10 @@ def routed_lora_linear(x, weight, bias, lora_A, lora_B, scaling, mask=None, *, x
     under TRITON_INTERPRET=1, for tests).
     """
     mask_f, rows_per_mask = _check(x, weight, bias, lora_A, lora_B, mask, x_lora, backend)
-    in_f = weight.shape[1]
-    x2 = x.reshape(-1, in_f)
-    xl2 = None if x_lora is None else x_lora.reshape(-1, in_f)
-    if x2.shape[0] == 0:
+    if x.numel() == 0:
         return F.linear(x, weight, bias)
-    out = RoutedLoRAFunction.apply(x2, xl2, weight, bias, lora_A, lora_B, float(scaling), mask_f,
-                                   rows_per_mask, backend)
-    return out.view(*x.shape[:-1], weight.shape[0])
+    return RoutedLoRAFunction.apply(x, x_lora, weight, bias, lora_A, lora_B, float(scaling),
+                                    mask_f, rows_per_mask, backend)
 
 
 # ------------------------------------------------------------ the module

@@ -333,6 +333,18 @@ def test_torch_compile_matches_eager():
                         net.lora.lora_B.grad.clone()))
     for name, e, c in zip(NAMES, *results):
         torch.testing.assert_close(c, e, rtol=1e-6, atol=1e-6, msg=name)
+    # the layer's custom ops trace whole: no graph break (no nonzero or .item() seen by dynamo)
+    torch._dynamo.reset()
+    assert torch._dynamo.explain(net)(x, m).graph_break_count == 0
+
+
+def test_non_contiguous_input():
+    layer = _layer_with_adapter()
+    x = torch.randn(7, 4, 16).transpose(0, 1)  # [4, 7, 16], not contiguous
+    m = torch.tensor([1.0, 0.0, 1.0, 1.0])
+    expected = routed_lora_reference_dense(x, layer.weight, layer.bias, layer.lora_A,
+                                           layer.lora_B, layer.scaling, m)
+    torch.testing.assert_close(layer(x, m), expected)
 
 
 def test_zero_rows():
