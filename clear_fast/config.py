@@ -47,7 +47,9 @@ class TrainConfig:
     r: int = _f(4, "LoRA rank")
     lora_alpha: float = _f(1.0, "LoRA alpha (scaling = alpha / r)")
     lora_dropout: float = _f(0.0, "dropout on the LoRA input")
-    target_modules: list = _f(("query", "value"), "names of the linear modules that get LoRA", nargs="+")
+    target_modules: list = _f(None, "names of the linear modules that get LoRA (default: peft's choice for "
+                              "the model type, e.g. query value for BERT / RoBERTa, q_lin v_lin for "
+                              "DistilBERT)", nargs="+")
     gamma: float = _f(0.85, "routing cap: a sample passes layer l's adapters w.p. gamma * p_clean")
     warmup_epochs: int = _f(3, "epochs of plain cross-entropy with module dropout gamma before routing")
     ensemble_passes: int = _f(2, "stochastic forward passes averaged in the clean-probability pass")
@@ -86,7 +88,8 @@ class TrainConfig:
 
     def to_dict(self):
         d = dataclasses.asdict(self)
-        d["target_modules"] = list(d["target_modules"])
+        if d["target_modules"] is not None:
+            d["target_modules"] = list(d["target_modules"])
         return d
 
     def validate(self):

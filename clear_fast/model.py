@@ -86,13 +86,25 @@ def head_module_names(model):
     return [n for n, m in model.named_children() if n != prefix and any(True for _ in m.parameters())]
 
 
+# peft's defaults for model types it does not list, or lists under other names.
+_EXTRA_TARGETS = {"distilbert": ["q_lin", "v_lin"]}
+
+
+def default_target_modules(model):
+    """peft's default LoRA targets for this model type (query and value projections)."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as peft_targets
+
+    model_type = getattr(model.config, "model_type", "")
+    return list(peft_targets.get(model_type) or _EXTRA_TARGETS.get(model_type) or ["query", "value"])
+
+
 def inject_routed_lora(model, target_modules, r, lora_alpha, lora_dropout=0.0):
     """Replace every nn.Linear whose last name component is a target by RoutedLoRALinear.
 
     Freezes everything but the adapters and the head. Returns the Router of the new modules.
     """
     head = set(head_module_names(model))
-    targets = set(target_modules)
+    targets = set(target_modules or default_target_modules(model))
     found = []
     for name, module in list(model.named_modules()):
         if name.split(".")[-1] in targets and isinstance(module, nn.Linear) and name.split(".")[0] not in head:
@@ -112,7 +124,7 @@ def inject_routed_lora(model, target_modules, r, lora_alpha, lora_dropout=0.0):
         setattr(parent, child, routed)
         by_layer.setdefault(layer_index(name), []).append(routed)
     unfreeze_head(model)
-    return Router([by_layer[i] for i in sorted(by_layer)])
+    return Router([by_layer[i] for i in sorted(by_layer)], found)
 
 
 def unfreeze_head(model):
@@ -127,8 +139,9 @@ class Router:
     masks: [B, L] (sample b passes layer l's adapters iff masks[b, l]), or None for all routed.
     """
 
-    def __init__(self, layers):
+    def __init__(self, layers, module_names):
         self.layers = layers
+        self.module_names = module_names
 
     @property
     def num_layers(self):
@@ -148,10 +161,6 @@ def draw_routing_masks(p_route, num_layers, generator=None):
     """m_il ~ Bernoulli(p_route_i), independent per sample and layer, drawn on p_route's device."""
     u = torch.rand((p_route.shape[0], num_layers), device=p_route.device, generator=generator)
     return u < p_route[:, None]
-
-
-def trainable_state(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 @torch.inference_mode()
@@ -177,7 +186,8 @@ def save_peft_adapter(model, router, base_path, out_dir, config):
         fresh = AutoModelForSequenceClassification.from_pretrained(base_path, config=model.config,
                                                                    ignore_mismatched_sizes=True)
     lcfg = LoraConfig(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=list(config.target_modules), modules_to_save=head_module_names(model),
+                      target_modules=sorted({n.split(".")[-1] for n in router.module_names}),
+                      modules_to_save=head_module_names(model),
                       task_type="SEQ_CLS")
     peft_model = get_peft_model(fresh, lcfg)
     ours = dict(model.named_modules())

@@ -17,9 +17,9 @@ WORDS = {0: "alpha apple amber", 1: "bravo banana blue", 2: "charlie cherry cyan
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
-    """A 2-layer random BERT and a RoBERTa-style model, saved with the MiniLM tokenizer."""
-    from transformers import (AutoTokenizer, BertConfig, BertForSequenceClassification, RobertaConfig,
-                              RobertaForSequenceClassification)
+    """2-layer random BERT, RoBERTa-style and DistilBERT models, saved with the MiniLM tokenizer."""
+    from transformers import (AutoTokenizer, BertConfig, BertForSequenceClassification, DistilBertConfig,
+                              DistilBertForSequenceClassification, RobertaConfig, RobertaForSequenceClassification)
 
     from clear_fast.model import resolve_model_path
 
@@ -28,7 +28,10 @@ def tiny_models(tmp_path_factory):
                  intermediate_size=64, max_position_embeddings=80)
     paths = {}
     for name, cfg, cls in (("bert", BertConfig(**small), BertForSequenceClassification),
-                           ("roberta", RobertaConfig(**small, pad_token_id=0), RobertaForSequenceClassification)):
+                           ("roberta", RobertaConfig(**small, pad_token_id=0), RobertaForSequenceClassification),
+                           ("distilbert", DistilBertConfig(vocab_size=tok.vocab_size, dim=32, n_layers=2, n_heads=2,
+                                                           hidden_dim=64, max_position_embeddings=80),
+                            DistilBertForSequenceClassification)):
         torch.manual_seed(0)
         path = tmp_path_factory.mktemp(name)
         cls(cfg).save_pretrained(path)
@@ -76,6 +79,10 @@ def test_every_method_runs_end_to_end(tiny_models, toy_files, tmp_path, method):
     assert len(noise["clean_mask"]) == 160
     lines = (out / "per_sample.csv").read_text().splitlines()
     assert len(lines) == 161
+    rows = [l.split(",") for l in lines[1:]]
+    # the clean mask says exactly which observed labels differ from the true ones
+    assert all(noise["clean_mask"][int(r[0])] == (r[1] == r[2]) == (r[3] == "0") for r in rows)
+    assert 0 < sum(noise["clean_mask"]) < 160
     p = [float(l.split(",")[5]) for l in lines[1:]]
     assert p == sorted(p), "per_sample.csv must list the likeliest label errors first"
     assert (out / "plots" / "curves.png").exists() and (out / "plots" / "loss_hist_epoch03.png").exists()
@@ -91,8 +98,16 @@ def test_every_method_runs_end_to_end(tiny_models, toy_files, tmp_path, method):
         assert recs[0]["routed_fraction"] == 1.0
 
 
-def test_roberta_style_model_runs(tiny_models, toy_files, tmp_path):
-    assert main(cli(tiny_models["roberta"], toy_files, tmp_path / "r", "--num-epochs", "2")) == 0
+@pytest.mark.parametrize("arch, targets", [("roberta", {"query", "value"}), ("distilbert", {"q_lin", "v_lin"})])
+def test_other_architectures_run(tiny_models, toy_files, tmp_path, arch, targets):
+    """Default LoRA targets follow peft's choice for the model type; two layers, two routed modules each."""
+    cfg = parse_config(cli(tiny_models[arch], toy_files, tmp_path / arch, "--num-epochs", "2", "--no-plots"))
+    run = Run(cfg)
+    run.run()
+    assert {n.split(".")[-1] for n in run.router.module_names} == targets
+    assert [len(modules) for modules in run.router.layers] == [2, 2]
+    adapter_cfg = json.loads((tmp_path / arch / "adapter" / "adapter_config.json").read_text())
+    assert set(adapter_cfg["target_modules"]) == targets
 
 
 def test_learns_the_toy_task(tiny_models, toy_files, tmp_path):
