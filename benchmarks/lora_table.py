@@ -181,13 +181,36 @@ def environment(device):
     return env
 
 
+def measure(p, model, width, fraction, backward, repeats):
+    """One table row: times of every implementation and the routed layer's ratios and rates."""
+    impls = {n: make_impl(n, p) for n in IMPLS}
+    check(p, impls)
+    cuda = p["x"].is_cuda
+    t = time_gpu(impls, p, backward) if cuda else time_round_robin(impls, p, backward, repeats)
+    flops, bytes_ = work(p, fraction, backward)
+    row = {"model": model, "width": width, "fraction": fraction,
+           "pass": "fwd+bwd" if backward else "fwd",
+           "ms": {n: round(v * 1e3, 4) for n, v in t.items()},
+           "routed_vs_linear": t["routed"] / t["linear"],
+           "dual_path_vs_routed": t["dual_path"] / t["routed"],
+           "dense_vs_routed": t["dense"] / t["routed"],
+           "peft_vs_routed": t["peft"] / t["routed"],
+           "tflops": flops / t["routed"] / 1e12, "gbps": bytes_ / t["routed"] / 1e9}
+    name = torch.cuda.get_device_name(p["x"].device) if cuda else ""
+    peak = next((v for k, v in PEAKS.items() if k in name), None)
+    if peak:
+        row["floor_fraction"] = max(flops / peak[0], bytes_ / peak[1]) / t["routed"]
+    return row
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (GPU default)")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -197,39 +220,22 @@ def main(argv=None):
     repeats = args.repeats or (5 if args.quick else 15)
     load_before = round(os.getloadavg()[0], 2)
     rows = []
-    for wname, width in WIDTHS.items():
+    for model, width in WIDTHS.items():
         for fraction in FRACTIONS:
             p = make_problem(width, fraction, device, dtype)
-            impls = {n: make_impl(n, p) for n in IMPLS}
-            check(p, impls)
             for backward in (False, True):
-                if device.type == "cuda":
-                    t = time_gpu(impls, p, backward)
-                else:
-                    t = time_round_robin(impls, p, backward, repeats)
-                flops, bytes_ = work(p, fraction, backward)
-                row = {"model": wname, "width": width, "fraction": fraction,
-                       "pass": "fwd+bwd" if backward else "fwd",
-                       "ms": {n: round(v * 1e3, 4) for n, v in t.items()},
-                       "routed_vs_linear": t["routed"] / t["linear"],
-                       "dual_path_vs_routed": t["dual_path"] / t["routed"],
-                       "dense_vs_routed": t["dense"] / t["routed"],
-                       "peft_vs_routed": t["peft"] / t["routed"],
-                       "tflops": flops / t["routed"] / 1e12, "gbps": bytes_ / t["routed"] / 1e9}
-                peak = next((v for k, v in PEAKS.items()
-                             if device.type == "cuda" and k in torch.cuda.get_device_name(device)),
-                            None)
-                if peak:
-                    row["floor_fraction"] = max(flops / peak[0], bytes_ / peak[1]) / t["routed"]
-                rows.append(row)
-                print(_line(row), flush=True)
+                rows.append(measure(p, model, width, fraction, backward, repeats))
+                print(_line(rows[-1]), flush=True)
     env = environment(device)
     env["load_average_1min"] = [load_before, env["load_average_1min"]]  # before, after
-    result = {"environment": env, "device": device.type, "dtype": str(dtype),
+    result = {"command": " ".join(["python benchmarks/lora_table.py", *argv]),
+              "environment": env, "device": device.type, "dtype": str(dtype),
               "shape": dict(zip(("batch", "seq"), shape_for(device))), "rank": RANK,
               "repeats": repeats, "rows": rows, "targets": targets(rows, device.type)}
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"lora_{device.type}" + (f"_{args.threads}t" if args.threads else ""))
+    stem = os.path.join(args.out, f"lora_{device.type}")
+    if args.threads:
+        stem += f"_{args.threads}t"
     with open(stem + ".json", "w") as f:
         json.dump(result, f, indent=1)
     with open(stem + ".md", "w") as f:
@@ -243,7 +249,10 @@ def _line(r):
     return (f"{r['model']:9s} f={r['fraction']:.2f} {r['pass']:7s} routed {ms['routed']:8.3f} ms  "
             f"linear {ms['linear']:8.3f}  dense {ms['dense']:8.3f}  dual {ms['dual_path']:8.3f}  "
             f"peft {ms['peft']:8.3f} | routed/linear {r['routed_vs_linear']:.3f}  "
-            f"dual/routed {r['dual_path_vs_routed']:.2f}  dense/routed {r['dense_vs_routed']:.2f}")
+            f"dual/routed {r['dual_path_vs_routed']:.2f}  dense/routed {r['dense_vs_routed']:.2f}"
+            f" | "
+            f"{r['tflops']:.2f} TFLOP/s {r['gbps']:.0f} GB/s"
+            + (f", {100 * r['floor_fraction']:.0f}% of floor" if "floor_fraction" in r else ""))
 
 
 def targets(rows, device):
@@ -273,16 +282,19 @@ def markdown(res):
              "Machine: " + ", ".join(f"{k} {v}" for k, v in env.items()), "",
              f"Shape: batch {res['shape']['batch']} x seq {res['shape']['seq']} rows, rank "
              f"{res['rank']}; median of {res['repeats']} interleaved runs (CPU) or do_bench (GPU). "
-             "Command: `python benchmarks/lora_table.py`.", "",
+             f"Command: `{res['command']}`.", "",
              "| model | fraction | pass | routed ms | F.linear ms | dense ms | dual-path ms "
-             "| peft ms | routed / F.linear | dual / routed | dense / routed |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| peft ms | routed / F.linear | dual / routed | dense / routed | routed TFLOP/s "
+             "| routed GB/s | floor / routed |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         ms = r["ms"]
         lines.append(f"| {r['model']} | {r['fraction']:.2f} | {r['pass']} | {ms['routed']:.3f} | "
                      f"{ms['linear']:.3f} | {ms['dense']:.3f} | {ms['dual_path']:.3f} | "
                      f"{ms['peft']:.3f} | {r['routed_vs_linear']:.3f} | "
-                     f"{r['dual_path_vs_routed']:.2f} | {r['dense_vs_routed']:.2f} |")
+                     f"{r['dual_path_vs_routed']:.2f} | {r['dense_vs_routed']:.2f} | "
+                     f"{r['tflops']:.3f} | {r['gbps']:.1f} | "
+                     f"{r.get('floor_fraction', float('nan')):.2f} |")
     lines += ["", "Targets (forward+backward rows; 'never slower than dense' on all rows):", ""]
     for k, v in res["targets"].items():
         lines.append(f"- {k}: {v}")
