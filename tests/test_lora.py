@@ -114,6 +114,26 @@ def check_bypassed_do_not_touch_adapter_grads(backend, dtype=torch.float32):
     assert torch.equal(gA, gA2) and torch.equal(gB, gB2)
 
 
+def check_separate_lora_input(backend):
+    """x_lora (dropout(x)) feeds only the LoRA term: x gets the base gradient, x_lora the LoRA's."""
+    p, _ = make_problem((3, 20, 24), 16, 4)
+    x, xl = p["x"].clone().requires_grad_(), torch.randn_like(p["x"]).requires_grad_()
+    A, B = p["lora_A"].clone().requires_grad_(), p["lora_B"].clone().requires_grad_()
+    m = torch.tensor([1.0, 0.0, 1.0])
+    y = routed_lora_linear(x, p["weight"], p["bias"], A, B, 0.5, m, x_lora=xl, backend=backend)
+    y.backward(p["dy"])
+    got = (y, x.grad, xl.grad, A.grad, B.grad)
+    for t in (x, xl, A, B):
+        t.grad = None
+    lora = routed_lora_reference_dense(xl, p["weight"], None, A, B, 0.5, m)
+    lora = lora - F.linear(xl, p["weight"])
+    y = F.linear(x, p["weight"], p["bias"]) + lora
+    y.backward(p["dy"])
+    for name, g, e in zip(("out", "grad x", "grad x_lora", "grad lora_A", "grad lora_B"), got,
+                          (y, x.grad, xl.grad, A.grad, B.grad)):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10, msg=name)
+
+
 def gradcheck_case(backend, shape=(3, 2, 5), d_out=4, r=2):
     p, _ = make_problem(shape, d_out, r)
     mask = torch.tensor([1.0, 0.0, 1.0])
@@ -152,6 +172,10 @@ def test_torch_path_fp32_adapter_with_half_activations(dtype):
 
 def test_torch_path_bypassed_rows_leave_adapter_grads_unchanged():
     check_bypassed_do_not_touch_adapter_grads("torch")
+
+
+def test_torch_path_separate_lora_input():
+    check_separate_lora_input("torch")
 
 
 def test_torch_path_gradcheck_float64():

@@ -8,7 +8,7 @@ from clear_fast.kernels import routed_lora as K
 from clear_fast.kernels.utils import interpreting
 from clear_fast.lora import routed_lora_linear
 from test_lora import (CASES, check_bypassed_do_not_touch_adapter_grads, check_case,
-                       gradcheck_case, make_problem)
+                       check_separate_lora_input, gradcheck_case, make_problem)
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available() or interpreting(),
                           reason="needs a CUDA GPU and TRITON_INTERPRET=0 (compiled kernels)")
@@ -32,6 +32,11 @@ def test_triton_fp32_adapter_with_half_activations(dtype):
 @interpreter
 def test_triton_bypassed_rows_leave_adapter_grads_unchanged():
     check_bypassed_do_not_touch_adapter_grads("triton")
+
+
+@interpreter
+def test_triton_separate_lora_input():
+    check_separate_lora_input("triton")
 
 
 @interpreter
