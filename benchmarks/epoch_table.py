@@ -404,7 +404,9 @@ def top_ops(run, split, device, k=10):
 
 
 # ----------------------------------------------------------------------------- the table
-def run_all(args, device):
+def run_all(args, device, save=lambda result: None):
+    """The sections in order, model by model; save(result) after every row (a long CPU run that is
+    stopped keeps what it measured)."""
     result = {"steps": [], "epochs": [], "passes": []}
     for name in args.models:
         base = base_classifier(name)
@@ -415,6 +417,7 @@ def run_all(args, device):
             row = {"model": name, "seq": seq, "ms": {k: 1e3 * v for k, v in times.items()}, "memory": mem,
                    "ratios": step_ratios(times, mem)}
             result["steps"].append(row)
+            save(result)
             print(_step_line(row), flush=True)
             del cases
         for seq in args.epoch_lengths:
@@ -430,11 +433,13 @@ def run_all(args, device):
                     f"{k} {v:.2f}" for k, v in parts[label].items() if v is not None), flush=True)
             row = {"model": name, "seq": seq, "samples": n, "parts": parts, "ratios": epoch_ratios(parts)}
             result["epochs"].append(row)
+            save(result)
             print(json.dumps(row["ratios"]), flush=True)
             if name in args.pass_models and seq == args.epoch_lengths[0]:
                 prof = pass_profile(base, device, train, args.pass_repeats)
                 prof.update(model=name, seq=seq, samples=n)
                 result["passes"].append(prof)
+                save(result)
                 print(json.dumps(prof, indent=1), flush=True)
     return result
 
@@ -580,18 +585,22 @@ def main(argv=None):
     info.update(transformers=transformers.__version__, peft=peft.__version__, clock=args.clock,
                 torch_threads=torch.get_num_threads())
     print(json.dumps(info), flush=True)
-    result = run_all(args, device)
-    result.update(machine=info, args=vars(args), targets=targets(result))
-    with open("/proc/loadavg") as f:
-        result["machine"]["load_average_end"] = f.read().split()[:3]
     stem = "gpu_" + info["gpu"].replace(" ", "_").lower() if device.type == "cuda" else "cpu"
     os.makedirs(args.out, exist_ok=True)
     base = os.path.join(args.out, f"epoch_{stem}")
     command = "python benchmarks/epoch_table.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    with open(base + ".json", "w") as f:
-        json.dump(result, f, indent=1)
-    with open(base + ".md", "w") as f:
-        f.write(markdown(result, command.strip()))
+
+    def save(result):
+        result.update(machine=info, args=vars(args), targets=targets(result))
+        with open("/proc/loadavg") as f:
+            result["machine"]["load_average_end"] = f.read().split()[:3]
+        with open(base + ".json", "w") as f:
+            json.dump(result, f, indent=1)
+        with open(base + ".md", "w") as f:
+            f.write(markdown(result, command.strip()))
+
+    result = run_all(args, device, save)
+    save(result)
     print(json.dumps(result["targets"], indent=1))
     print("wrote", base + ".json", "and", base + ".md")
 
