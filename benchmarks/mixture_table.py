@@ -8,7 +8,7 @@ loss-like data (70 % near-zero exponential, 30 % gamma), with the released CleaR
 1e-3, reg_covar 1e-6, max_iter 100) and DivideMix's (tol 1e-2, reg_covar 5e-4, max_iter 10).
 sklearn runs with its default thread pools and again limited to one thread (threadpoolctl), as
 clear_fast runs torch on one thread. Median of --repeats runs, interleaved so that all see the
-same machine load; each row
+same machine load, each after a 0.3 s pause (OpenMP workers go idle); each row
 also reports max |p_clear_fast - p_sklearn| so that a fast but wrong fit cannot win. On a CUDA
 machine the data live on the GPU and each run ends with torch.cuda.synchronize(). Results go to
 benchmarks/results/mixture_<cpu|gpu name>.json and .md.
@@ -36,7 +36,10 @@ def loss_like(n, seed=0):
                                            rng.gamma(2.0, 1.5, n_noisy)]))
 
 
-def timed(fn, sync):
+def timed(fn, sync, settle=0.3):
+    # let the other library's OpenMP workers stop spinning (they spin ~200 ms after a parallel
+    # region and, on 2 cores, slowed whichever call came next several-fold in interleaved runs)
+    time.sleep(settle)
     start = time.perf_counter()
     out = fn()
     sync()
