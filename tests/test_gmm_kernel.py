@@ -89,3 +89,11 @@ def test_triton_fit_matches_torch_and_sklearn(seed):
 def test_plan_rejects_bad_input():
     with pytest.raises(ValueError, match="contiguous 1-D"):
         EMPlan(torch.zeros(4, 2, **F64), 2, 5)
+
+
+def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="needs a CUDA tensor"):
+        GaussianMixture1D(backend="triton").fit(torch.rand(100, **F64))
+    # "auto" falls back to torch on the CPU whatever the environment
+    assert GaussianMixture1D(backend="auto").fit(torch.rand(100, **F64)).n_iter_ >= 1
