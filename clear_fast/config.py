@@ -12,6 +12,7 @@ from pathlib import Path
 
 METHODS = ("clear-lora", "lora", "full", "oracle-lora")
 EVAL_ROUTING = ("all-on", "stochastic")
+HEAD_ROUTING = ("all", "routed")
 CLEAN_PROB_SOURCES = ("pass", "train-steps")
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 # Learning rates chosen per method family (see README "Defaults"); --learning-rate overrides.
@@ -59,6 +60,8 @@ class TrainConfig:
                                 "released code: raw")
     clean_prob_source: str = _f("pass", "pass (released: a no-grad pass each epoch) | train-steps "
                                 "(deviation: losses recorded during the previous epoch's steps)")
+    head_routing: str = _f("all", "all (released: the head trains on every sample) | routed (after warm-up, "
+                           "a sample updates the head only w.p. gamma * p_clean, like one more layer)")
     eval_routing: str = _f("all-on", "all-on (every adapter on) | stochastic (released: each w.p. gamma)")
     # optimisation
     learning_rate: float = _f(None, "AdamW learning rate (default per method: LoRA 2e-3, full 1e-4)")
@@ -99,6 +102,8 @@ class TrainConfig:
             bad.append(f"--method {self.method!r} is not one of {', '.join(METHODS)}")
         if self.eval_routing not in EVAL_ROUTING:
             bad.append(f"--eval-routing {self.eval_routing!r} is not one of {', '.join(EVAL_ROUTING)}")
+        if self.head_routing not in HEAD_ROUTING:
+            bad.append(f"--head-routing {self.head_routing!r} is not one of {', '.join(HEAD_ROUTING)}")
         if self.clean_prob_source not in CLEAN_PROB_SOURCES:
             bad.append(f"--clean-prob-source {self.clean_prob_source!r} is not one of "
                        f"{', '.join(CLEAN_PROB_SOURCES)}")

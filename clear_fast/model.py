@@ -157,6 +157,29 @@ class Router:
         return [m for ms in self.layers for m in ms]
 
 
+class HeadShield:
+    """Optionally keep likely-noisy samples from updating the classification head (an ablation: the
+    released code trains the head on every sample). For a sample with mask 0 the head's output is
+    recomputed with detached parameters, so its loss still reaches the adapters through the hidden
+    state but not the head's weights."""
+
+    def __init__(self, model):
+        self.mask = None
+        self._inside = False
+        self.handles = [getattr(model, n).register_forward_hook(self._hook) for n in head_module_names(model)]
+
+    def _hook(self, module, args, output):
+        if self.mask is None or not torch.is_grad_enabled() or self._inside:
+            return output
+        detached = {n: p.detach() for n, p in module.named_parameters()}
+        self._inside = True  # functional_call runs this hook again
+        try:
+            frozen = torch.func.functional_call(module, detached, args)
+        finally:
+            self._inside = False
+        return torch.where(self.mask.view(-1, *([1] * (output.dim() - 1))), output, frozen)
+
+
 def draw_routing_masks(p_route, num_layers, generator=None):
     """m_il ~ Bernoulli(p_route_i), independent per sample and layer, drawn on p_route's device."""
     u = torch.rand((p_route.shape[0], num_layers), device=p_route.device, generator=generator)

@@ -20,7 +20,7 @@ from . import io, metrics, plots
 from .config import TrainConfig
 from .losses import clear_loss
 from .mixture import clean_probability
-from .model import (draw_routing_masks, inject_routed_lora, load_classifier, save_peft_adapter,
+from .model import (HeadShield, draw_routing_masks, inject_routed_lora, load_classifier, save_peft_adapter,
                     sentence_embeddings)
 
 ROUTED_METHODS = ("clear-lora", "oracle-lora")
@@ -131,6 +131,7 @@ class Run:
             self.router = inject_routed_lora(self.model, cfg.target_modules, cfg.r, cfg.lora_alpha,
                                              cfg.lora_dropout)
             self.model.to(self.device)
+        self.head_shield = HeadShield(self.model) if cfg.head_routing == "routed" and self.routed else None
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.forward_model = torch.compile(self.model) if cfg.compile else self.model
@@ -150,7 +151,7 @@ class Run:
             out = self.forward_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         return out.logits.float()
 
-    def train_epoch(self, epoch, p_route, teacher):
+    def train_epoch(self, epoch, p_route, teacher, shield_head=False):
         cfg = self.cfg
         self.model.train()
         order = np.random.default_rng([cfg.seed, epoch]).permutation(len(self.train))
@@ -164,6 +165,8 @@ class Run:
             batch = self.train.batch(order[s: s + cfg.batch_size], self.device)
             idx = batch["index"].to(self.device)
             masks = self._route(None if p_route is None else p_route[idx])
+            if shield_head:
+                self.head_shield.mask = torch.rand(len(idx), device=self.device) < p_route[idx]
             logits = self._logits(batch)
             loss, ce = clear_loss(logits, batch["labels"], None if teacher is None else teacher[idx],
                                   cfg.consistency_weight, cfg.temperature)
@@ -175,6 +178,8 @@ class Run:
             loss_sum += loss.detach() * len(idx)
             routed_sum += (1.0 if masks is None else masks.float().mean()) * len(idx)
         self._route(None)
+        if self.head_shield is not None:
+            self.head_shield.mask = None
         return {"train_loss": float(loss_sum) / n, "routed_fraction": None if self.router is None else float(routed_sum) / n,
                 "step_ce": step_ce, "step_logits": step_logits}
 
@@ -265,7 +270,7 @@ class Run:
                     p_route = cfg.gamma * source
                     teacher_e = teacher
             t0 = time.perf_counter()
-            ep = self.train_epoch(epoch, p_route, teacher_e)
+            ep = self.train_epoch(epoch, p_route, teacher_e, shield_head=self.head_shield is not None and not warm)
             t1 = time.perf_counter()
             test_acc, dev_acc = self.evaluate(self.test), self.evaluate(self.dev)
             t2 = time.perf_counter()

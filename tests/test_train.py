@@ -66,10 +66,14 @@ def strip_times(records):
     return [{k: v for k, v in r.items() if k not in ("time_s", "epoch_s")} for r in records]
 
 
-@pytest.mark.parametrize("method", ["clear-lora", "lora", "full", "oracle-lora"])
-def test_every_method_runs_end_to_end(tiny_models, toy_files, tmp_path, method):
+@pytest.mark.parametrize("method, extra", [
+    ("clear-lora", []), ("lora", []), ("full", []), ("oracle-lora", []),
+    ("clear-lora", ["--head-routing", "routed", "--clean-prob-source", "train-steps", "--eval-routing",
+                    "stochastic", "--normalize-losses"]),
+])
+def test_every_method_runs_end_to_end(tiny_models, toy_files, tmp_path, method, extra):
     out = tmp_path / method
-    assert main(cli(tiny_models["bert"], toy_files, out, "--method", method, "--noise-rate", "0.3")) == 0
+    assert main(cli(tiny_models["bert"], toy_files, out, "--method", method, "--noise-rate", "0.3", *extra)) == 0
     res = json.loads((out / "results.json").read_text())
     recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(recs) == 3 and res["method"] == method
@@ -228,3 +232,32 @@ def test_config_file_with_command_line_override(tmp_path):
     f.write_text("not_a_flag: 1\n")
     with pytest.raises(ValueError, match="not_a_flag"):
         parse_config(["--config", str(f)])
+
+
+def test_head_shield_blocks_only_the_head_gradient_of_shielded_samples(tiny_models):
+    from transformers import AutoModelForSequenceClassification
+
+    from clear_fast.model import HeadShield, inject_routed_lora
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_models["bert"], num_labels=4,
+                                                               ignore_mismatched_sizes=True)
+    router = inject_routed_lora(model, None, r=2, lora_alpha=2)
+    for m in router.modules():
+        torch.nn.init.normal_(m.lora_B)
+    ids = torch.randint(1000, 2000, (2, 7))
+    plain = model(input_ids=ids).logits.detach()
+    shield = HeadShield(model)
+    shield.mask = torch.tensor([True, False])
+    logits = model(input_ids=ids).logits
+    assert torch.equal(logits.detach(), plain), "shielding changes gradients, never values"
+
+    def grads(sample):
+        model.zero_grad()
+        model(input_ids=ids).logits[sample].sum().backward()
+        return model.classifier.weight.grad.abs().sum().item(), router.modules()[0].lora_B.grad.abs().sum().item()
+
+    head0, lora0 = grads(0)
+    head1, lora1 = grads(1)
+    assert head0 > 0 and lora0 > 0
+    assert head1 == 0.0 and lora1 > 0, "a shielded sample still trains the adapters, not the head"
