@@ -115,6 +115,7 @@ def make_run(kind, model, router, device, train=None, test=None, source="pass", 
     run = Run(cfg)
     run.model = run.forward_model = model
     run.router, run.train, run.test, run.dev = router, train, test, None
+    run.head_shield = None  # Run.load's default (--head-routing all)
     run.label_names = [str(i) for i in range(NUM_LABELS)]
     run.trainable = [p for p in model.parameters() if p.requires_grad]
     run.optimizer = torch.optim.AdamW(run.trainable, lr=cfg.lr)
