@@ -572,6 +572,17 @@ def parse_args(argv=None):
     return args
 
 
+def _commit():
+    """The code measured: git describe of this checkout, '-dirty' when files differ from it."""
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def main(argv=None):
     global clock
     args = parse_args(argv)
@@ -584,7 +595,7 @@ def main(argv=None):
 
     info = machine()
     info.update(transformers=transformers.__version__, peft=peft.__version__, clock=args.clock,
-                torch_threads=torch.get_num_threads())
+                torch_threads=torch.get_num_threads(), commit=_commit())
     print(json.dumps(info), flush=True)
     stem = "gpu_" + info["gpu"].replace(" ", "_").lower() if device.type == "cuda" else "cpu"
     os.makedirs(args.out, exist_ok=True)
