@@ -113,8 +113,9 @@ def check(p, impls):
 
 
 def time_round_robin(impls, p, backward, repeats):
-    """CPU: median seconds per implementation, the implementations interleaved in every repeat so
-    that a noisy shared machine slows them alike."""
+    """CPU: seconds per implementation over `repeats` runs, the implementations interleaved in
+    every repeat so that a noisy shared machine slows them alike. Returns (minimum, median): the
+    ratios use the minimum, the run least disturbed by other processes (as timeit advises)."""
     x = p["x"].detach().requires_grad_()
     times = {n: [] for n in impls}
     for rep in range(repeats + 2):  # two warm-up rounds
@@ -126,7 +127,8 @@ def time_round_robin(impls, p, backward, repeats):
             t = time.perf_counter() - t0
             if rep >= 2:
                 times[name].append(t)
-    return {n: statistics.median(v) for n, v in times.items()}
+    return ({n: min(v) for n, v in times.items()},
+            {n: statistics.median(v) for n, v in times.items()})
 
 
 def time_gpu(impls, p, backward):
@@ -186,11 +188,15 @@ def measure(p, model, width, fraction, backward, repeats):
     impls = {n: make_impl(n, p) for n in IMPLS}
     check(p, impls)
     cuda = p["x"].is_cuda
-    t = time_gpu(impls, p, backward) if cuda else time_round_robin(impls, p, backward, repeats)
+    if cuda:
+        t = median = time_gpu(impls, p, backward)
+    else:
+        t, median = time_round_robin(impls, p, backward, repeats)
     flops, bytes_ = work(p, fraction, backward)
     row = {"model": model, "width": width, "fraction": fraction,
            "pass": "fwd+bwd" if backward else "fwd",
            "ms": {n: round(v * 1e3, 4) for n, v in t.items()},
+           "ms_median": {n: round(v * 1e3, 4) for n, v in median.items()},
            "routed_vs_linear": t["routed"] / t["linear"],
            "dual_path_vs_routed": t["dual_path"] / t["routed"],
            "dense_vs_routed": t["dense"] / t["routed"],
@@ -281,7 +287,8 @@ def markdown(res):
     lines = [f"# Routed LoRA linear, {res['device'].upper()} ({res['dtype']})", "",
              "Machine: " + ", ".join(f"{k} {v}" for k, v in env.items()), "",
              f"Shape: batch {res['shape']['batch']} x seq {res['shape']['seq']} rows, rank "
-             f"{res['rank']}; median of {res['repeats']} interleaved runs (CPU) or do_bench (GPU). "
+             f"{res['rank']}; CPU: minimum of {res['repeats']} interleaved runs (medians in the JSON); "
+             "GPU: do_bench median. "
              f"Command: `{res['command']}`.", "",
              "| model | fraction | pass | routed ms | F.linear ms | dense ms | dual-path ms "
              "| peft ms | routed / F.linear | dual / routed | dense / routed | routed TFLOP/s "
