@@ -13,25 +13,28 @@ before it loads A, B or activations and before it writes anything:
   grad     P^T Q over rows       [r, K]   (dA = s G^T x, dB = s (U^T dY)^T), split-M partial sums
                                           in fp32 summed by torch: deterministic, no atomics.
 
-The mask stays on the device: each program reads the mask values of its own rows (row // rows_per
-_mask, so a per-sample mask needs no expansion) and decides by itself; nothing syncs with the host.
+The mask stays on the device: each program reads the mask values of its own rows (mask[row //
+rows_per_mask], so a per-sample mask needs no expansion) and decides by itself; nothing syncs with
+the host.
 With sequence length >= BLOCK_M a tile holds at most two samples, so at routed fraction f roughly a
 fraction f of the tiles does work. Rows with m == 0 inside a working tile are never loaded or
 stored, so bypassed rows keep the cuBLAS result bit for bit. Contract between the kernels: U and G
 rows with m == 0 may hold anything (whole bypassed tiles are never written); every consumer loads
 only rows with m != 0.
 
-Limit: the base GEMM and the LoRA kernels are separate launches (two extra in the forward, four in
-the backward), so at small M the launch latency, not the arithmetic, bounds how close routed
-fraction 0 gets to F.linear. Fusing expand into the base GEMM's epilogue (LoRAFusion) would remove
-one pass over Y but gives up cuBLAS; not done here.
+Limit: the base GEMM and the LoRA kernels are separate launches (two extra in the forward, four
+in the backward, plus one partial-sum reduction per adapter gradient when the row range is split),
+so at small M the launch latency, not the arithmetic, bounds how close routed fraction 0 gets to
+F.linear. Fusing expand into the base GEMM's epilogue (LoRAFusion) would remove one pass over Y
+but gives up cuBLAS; not done here. Not yet timed on a GPU: the GPU targets are unverified.
 
 Precision: products accumulate in fp32 (fp64 for fp64 inputs). Shrink and expand cast both operands
 explicitly to one dot dtype: the activation dtype when the adapter has the same half dtype (tensor
 cores), else fp32 with IEEE precision (fp32 adapters with half activations, as in mixed-precision
 training). The adapter-gradient reduction always multiplies in fp32: it is a few FLOPs per row.
 Triton's interpreter gets bf16 dots wrong, so under TRITON_INTERPRET=1 bf16 dots run in fp32.
-Plain pointer arithmetic only (no block pointers, no autotune): runs on triton 3.6 and 3.9.
+Plain pointer arithmetic only (no block pointers, no autotune): the kernels compile for sm_90 with
+triton 3.6 and 3.9 (tests/test_lora_kernels.py compiles them ahead of time, without a GPU).
 """
 import torch
 import torch.nn.functional as F
