@@ -280,11 +280,19 @@ def routed_lora_linear(x, weight, bias, lora_A, lora_B, scaling, mask=None, *, x
     backend: "auto" (Triton on CUDA, gather path on CPU), "torch" or "triton" (on CPU tensors only
     under TRITON_INTERPRET=1, for tests).
     """
+    if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
+        # Under autocast the frozen linear runs in autocast's dtype, as F.linear would; the adapter
+        # keeps its own dtype (the kernels cast explicitly). Inside, autocast is off.
+        dt = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dt), weight.to(dt)
+        bias = None if bias is None else bias.to(dt)
+        x_lora = None if x_lora is None else x_lora.to(dt)
     mask_f, rows_per_mask = _check(x, weight, bias, lora_A, lora_B, mask, x_lora, backend)
     if x.numel() == 0:
         return F.linear(x, weight, bias)
-    return RoutedLoRAFunction.apply(x, x_lora, weight, bias, lora_A, lora_B, float(scaling),
-                                    mask_f, rows_per_mask, backend)
+    with torch.autocast(x.device.type, enabled=False):
+        return RoutedLoRAFunction.apply(x, x_lora, weight, bias, lora_A, lora_B, float(scaling),
+                                        mask_f, rows_per_mask, backend)
 
 
 # ------------------------------------------------------------ the module

@@ -371,6 +371,24 @@ def test_non_contiguous_input():
     torch.testing.assert_close(layer(x, m), expected)
 
 
+def test_autocast_runs_the_frozen_linear_in_autocast_dtype():
+    layer = _layer_with_adapter()
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    m = torch.tensor([1.0, 0.0, 1.0])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x, m)
+        frozen = F.linear(x, layer.weight, layer.bias)
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y[1], frozen[1])  # bypassed: exactly what F.linear gives under autocast
+    bf = torch.bfloat16
+    expected = routed_lora_linear(x.detach().to(bf), layer.weight.to(bf), layer.bias.to(bf),
+                                  layer.lora_A, layer.lora_B, layer.scaling, m)
+    assert torch.equal(y, expected)
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and layer.lora_A.grad.dtype == torch.float32
+    assert layer.lora_A.grad.abs().sum() > 0
+
+
 def test_zero_rows():
     layer = _layer_with_adapter()
     assert layer(torch.randn(0, 5, 16)).shape == (0, 5, 10)
