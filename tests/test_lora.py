@@ -242,6 +242,17 @@ def test_module_routing_mask_attribute_and_argument():
     assert not torch.allclose(everything, expected)
 
 
+def test_mask_changed_in_place_between_calls():
+    layer = _layer_with_adapter()
+    x = torch.randn(3, 4, 16)
+    m = torch.tensor([1.0, 0.0, 1.0])
+    for values in ([1.0, 0.0, 1.0], [0.0, 1.0, 1.0], [0.0, 0.0, 0.0]):
+        m.copy_(torch.tensor(values))  # same tensor, new values: nothing stale may be reused
+        expected = routed_lora_reference_dense(x, layer.weight, layer.bias, layer.lora_A,
+                                               layer.lora_B, layer.scaling, m)
+        torch.testing.assert_close(layer(x, m), expected)
+
+
 def test_from_linear_shares_frozen_weights():
     lin = nn.Linear(16, 10)
     layer = RoutedLoRALinear.from_linear(lin, r=2, lora_alpha=4, lora_dropout=0.2)
