@@ -54,7 +54,9 @@ def _routed_rows(mask, rows_per_mask):
     last_mask, version, rpm, rows = _last_rows
     # A layer's forward calls this twice and its backward four times with the same mask tensor:
     # remember the last answer (nonzero costs ~35 us on this CPU, 5-7 % of a MiniLM-sized layer).
-    if last_mask is mask and version == mask._version and rpm == rows_per_mask:
+    # Inference tensors have no version counter to tell an in-place change: never cached.
+    cacheable = not mask.is_inference()
+    if cacheable and last_mask is mask and version == mask._version and rpm == rows_per_mask:
         return rows
     rows = mask.nonzero().squeeze(1)
     if rows_per_mask > 1:
@@ -63,7 +65,8 @@ def _routed_rows(mask, rows_per_mask):
         # cores.
         rows = (rows[:, None] * rows_per_mask
                 + torch.arange(rows_per_mask, device=rows.device)).flatten()
-    _last_rows = (mask, mask._version, rows_per_mask, rows)
+    if cacheable:
+        _last_rows = (mask, mask._version, rows_per_mask, rows)
     return rows
 
 

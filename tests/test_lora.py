@@ -253,6 +253,19 @@ def test_mask_changed_in_place_between_calls():
         torch.testing.assert_close(layer(x, m), expected)
 
 
+def test_masks_made_in_inference_mode():
+    """Routing masks drawn under torch.inference_mode (no-grad passes) have no version counter."""
+    layer = _layer_with_adapter()
+    x = torch.randn(3, 4, 16)
+    with torch.inference_mode():
+        m = torch.tensor([True, False, True])
+        for values in ([True, False, True], [False, True, True]):
+            m.copy_(torch.tensor(values))
+            expected = routed_lora_reference_dense(x, layer.weight, layer.bias, layer.lora_A,
+                                                   layer.lora_B, layer.scaling, m)
+            torch.testing.assert_close(layer(x, m), expected)
+
+
 def test_from_linear_shares_frozen_weights():
     lin = nn.Linear(16, 10)
     layer = RoutedLoRALinear.from_linear(lin, r=2, lora_alpha=4, lora_dropout=0.2)
