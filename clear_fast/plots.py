@@ -50,7 +50,6 @@ def curves(records, path, title):
             a1.plot(epochs, [np.nan if y is None else y for y in ys], marker="o", label=label)
     a1.set_xlabel("epoch")
     a1.set_ylabel("accuracy")
-    a1.legend(fontsize=8)
     for key, label in (("clean_auroc", "AUROC"), ("clean_average_precision", "average precision"),
                        ("routed_fraction", "routed fraction"), ("noisy_memorisation", "noisy memorised")):
         ys = [r.get(key) for r in records]
@@ -58,7 +57,9 @@ def curves(records, path, title):
             a2.plot(epochs, [np.nan if y is None else y for y in ys], marker="o", label=label)
     a2.set_xlabel("epoch")
     a2.set_ylim(-0.02, 1.02)
-    a2.legend(fontsize=8)
+    for ax in (a1, a2):
+        if ax.get_legend_handles_labels()[0]:  # clean data: no detection curves to label
+            ax.legend(fontsize=8)
     fig.suptitle(title)
     save_figure(fig, path)
     plt.close(fig)
