@@ -16,7 +16,7 @@ HEAD_ROUTING = ("all", "routed")
 CLEAN_PROB_SOURCES = ("pass", "train-steps")
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 # Learning rates chosen per method family (see README "Defaults"); --learning-rate overrides.
-DEFAULT_LR = {"clear-lora": 1e-2, "lora": 1e-2, "oracle-lora": 1e-2, "full": 1e-4}
+DEFAULT_LR = {"clear-lora": 1e-2, "lora": 1e-2, "oracle-lora": 1e-2, "full": 3e-4}
 
 
 def _f(default, help, **kw):
@@ -64,7 +64,7 @@ class TrainConfig:
                            "a sample updates the head only w.p. gamma * p_clean, like one more layer)")
     eval_routing: str = _f("all-on", "all-on (every adapter on) | stochastic (released: each w.p. gamma)")
     # optimisation
-    learning_rate: float = _f(None, "AdamW learning rate (default per method: LoRA 1e-2, full 1e-4)")
+    learning_rate: float = _f(None, "AdamW learning rate (default per method: LoRA 1e-2, full 3e-4)")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     num_epochs: int = _f(6, "training epochs (warm-up included)")
     batch_size: int = _f(32, "training batch size")
