@@ -261,3 +261,21 @@ def test_head_shield_blocks_only_the_head_gradient_of_shielded_samples(tiny_mode
     head1, lora1 = grads(1)
     assert head0 > 0 and lora0 > 0
     assert head1 == 0.0 and lora1 > 0, "a shielded sample still trains the adapters, not the head"
+
+
+def test_compiled_model_trains_and_matches_eager(tiny_models, toy_files, tmp_path):
+    """--compile: torch.compile traces the model with routed layers; its outputs equal eager's."""
+    cfg = parse_config(cli(tiny_models["bert"], toy_files, tmp_path / "c", "--compile", "--num-epochs", "2",
+                           "--no-plots", "--no-save-adapter"))
+    run = Run(cfg)
+    run.run()
+    batch = run.test.batch(np.arange(8), "cpu")
+    run.model.eval()
+    masks = torch.tensor([[1, 0], [0, 1], [1, 1], [0, 0]] * 2, dtype=torch.bool)
+    run.router.set_masks(masks)
+    with torch.no_grad():
+        compiled = run.forward_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        eager = run.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    run.router.set_masks(None)
+    assert run.forward_model is not run.model
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
