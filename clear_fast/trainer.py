@@ -100,6 +100,7 @@ class Run:
             raise ValueError(f"the training data has {data.num_classes} class(es): at least two are needed")
         subset = lambda split, n: stratified_subset(split, n or None, cfg.data_seed) if split else None
         self.data_name = data.name
+        self.data_notes = list(data.notes)
         self.label_names = list(data.label_names)
         self.train_split = subset(data.train, cfg.max_train_samples)
         dev_split, test_split = subset(data.dev, cfg.max_eval_samples), subset(data.test, cfg.max_eval_samples)
@@ -314,7 +315,8 @@ class Run:
         cfg = self.cfg
         test = [r["test_accuracy"] for r in records]
         best = int(np.argmax(test))
-        results = {"method": cfg.method, "dataset": self.data_name, "noise": self.noise_info,
+        results = {"method": cfg.method, "dataset": self.data_name, "data_notes": self.data_notes,
+                   "noise": self.noise_info,
                    "num_train": len(self.train), "num_test": len(self.test),
                    "num_dev": len(self.dev) if self.dev is not None else 0,
                    "best_test_accuracy": test[best], "best_epoch": best + 1, "last_test_accuracy": test[-1]}
