@@ -1,5 +1,6 @@
 # The two commands a newcomer needs:  make run   and   make test
-# Both install what they need first. Flags for the training CLI: make run ARGS="--method lora --overwrite" On a machine without a GPU the CPU build of
+# Both install what they need first. Flags for the training CLI: make run ARGS="--method lora --overwrite"
+# On a machine without a GPU the CPU build of
 # torch is installed before the package, so pip keeps it instead of fetching CUDA.
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
