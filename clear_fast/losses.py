@@ -1,6 +1,5 @@
 """CleaR's training loss: cross-entropy on the observed labels plus a consistency term that pulls
 the routed prediction towards the epoch's ensemble teacher (clear-method.md, step 4)."""
-import torch
 import torch.nn.functional as F
 
 

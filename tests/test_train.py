@@ -10,7 +10,7 @@ from clear_fast.config import parse_config
 from clear_fast.losses import clear_loss, consistency_loss
 from clear_fast.model import draw_routing_masks, layer_index
 from clear_fast.train import main
-from clear_fast.trainer import Run, train
+from clear_fast.trainer import Run
 
 WORDS = {0: "alpha apple amber", 1: "bravo banana blue", 2: "charlie cherry cyan", 3: "delta date dune"}
 
