@@ -189,9 +189,9 @@ class Run:
         """Average logits of `passes` no-grad passes; each adapter on w.p. gamma (None: all on)."""
         self.model.eval()
         out = torch.zeros(len(split), len(self.label_names), device=self.device)
+        batches = list(split.sorted_batches(self.cfg.eval_batch_size, self.device))  # padded once, not per pass
         for _ in range(passes):
-            for batch in tqdm(list(split.sorted_batches(self.cfg.eval_batch_size, self.device)), desc=desc,
-                              leave=False, disable=not self.cfg.progress):
+            for batch in tqdm(batches, desc=desc, leave=False, disable=not self.cfg.progress):
                 n = len(batch["index"])
                 self._route(None if gamma is None else torch.full((n,), gamma, device=self.device))
                 out[batch["index"].to(self.device)] += self._logits(batch)
