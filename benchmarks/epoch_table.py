@@ -91,12 +91,9 @@ def build(kind, base, device):
 def synthetic_split(n, max_len, seed, min_frac=0.5):
     """A Tokenized split of random token ids ([CLS] ... [SEP]), lengths uniform in [min_frac L, L]."""
     rng = np.random.default_rng(seed)
-    split = Tokenized.__new__(Tokenized)  # Tokenized's fields without a tokenizer
-    split.lengths = rng.integers(max(2, int(min_frac * max_len)), max_len + 1, n)
-    split.ids = [[101, *rng.integers(1000, VOCAB, k - 2).tolist(), 102] for k in split.lengths]
-    split.labels = torch.as_tensor(rng.integers(0, NUM_LABELS, n))
-    split.pad_id = 0
-    return split
+    lengths = rng.integers(max(2, int(min_frac * max_len)), max_len + 1, n)
+    ids = [[101, *rng.integers(1000, VOCAB, k - 2).tolist(), 102] for k in lengths]
+    return Tokenized(ids, rng.integers(0, NUM_LABELS, n))
 
 
 def clean_flags(n, noise, seed):
@@ -113,12 +110,9 @@ def make_run(kind, model, router, device, train=None, test=None, source="pass", 
     cfg = TrainConfig(method=method, clean_prob_source=source, progress=False, device=device.type,
                       bf16=bf16, batch_size=BATCH, output_dir=tempfile.gettempdir()).validate()
     run = Run(cfg)
-    run.model = run.forward_model = model
-    run.router, run.train, run.test, run.dev = router, train, test, None
-    run.head_shield = None  # Run.load's default (--head-routing all)
+    run.attach_model(model, router)
+    run.train, run.test, run.dev = train, test, None
     run.label_names = [str(i) for i in range(NUM_LABELS)]
-    run.trainable = [p for p in model.parameters() if p.requires_grad]
-    run.optimizer = torch.optim.AdamW(run.trainable, lr=cfg.lr)
     return run
 
 

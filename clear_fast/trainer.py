@@ -31,12 +31,17 @@ RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "results.json")
 class Tokenized:
     """Token ids of one split, tokenised once; batches are padded to their own longest text."""
 
-    def __init__(self, tokenizer, texts, labels, max_length):
-        enc = tokenizer(list(texts), truncation=True, max_length=max_length)
-        self.ids = enc["input_ids"]
+    def __init__(self, ids, labels, pad_id=0):
+        self.ids = [list(x) for x in ids]
         self.lengths = np.array([len(x) for x in self.ids])
         self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.pad_id = pad_id
+
+    @classmethod
+    def from_texts(cls, tokenizer, texts, labels, max_length):
+        enc = tokenizer(list(texts), truncation=True, max_length=max_length)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        return cls(enc["input_ids"], labels, pad)
 
     def __len__(self):
         return len(self.ids)
@@ -107,7 +112,7 @@ class Run:
 
         self.model, tokenizer, self.model_path = load_classifier(cfg.model, data.num_classes, self.label_names)
         self.model.to(self.device)
-        tok = lambda s: Tokenized(tokenizer, s.texts, s.labels, cfg.max_length) if s is not None else None
+        tok = lambda s: Tokenized.from_texts(tokenizer, s.texts, s.labels, cfg.max_length) if s is not None else None
         self.train, self.dev, self.test = tok(self.train_split), tok(dev_split), tok(test_split)
         self.true_labels = self.train.labels.clone()
 
@@ -132,10 +137,18 @@ class Run:
             self.router = inject_routed_lora(self.model, cfg.target_modules, cfg.r, cfg.lora_alpha,
                                              cfg.lora_dropout)
             self.model.to(self.device)
-        self.head_shield = HeadShield(self.model) if cfg.head_routing == "routed" and self.routed else None
-        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.attach_model(self.model, self.router)
+
+    def attach_model(self, model, router):
+        """Train this model (its LoRA layers driven by router; None for full fine-tuning): the head
+        shield, optimizer and compiled forward. Run.load ends here; benchmarks enter here with a
+        model and splits of their own."""
+        cfg = self.cfg
+        self.model, self.router = model, router
+        self.head_shield = HeadShield(model) if cfg.head_routing == "routed" and self.routed else None
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.forward_model = torch.compile(self.model) if cfg.compile else self.model
+        self.forward_model = torch.compile(model) if cfg.compile else model
 
     # -- pieces of an epoch -----------------------------------------------------------------
     def _route(self, p_batch):
