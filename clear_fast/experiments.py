@@ -24,7 +24,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -320,18 +322,23 @@ def select(runs, methods=None, datasets=None, noise=None, seeds=None, only=None)
     return [r for r in runs if keep(r)]
 
 
-def launch(argv, log_path):
-    """Run the training CLI in a subprocess, echoing and logging its output; returns its exit status.
-    On Ctrl-C the child (same process group) checkpoints and exits; a SIGINT sent to this process
-    alone is passed on to it."""
+def launch(argv, log_path, echo=True, threads=None):
+    """Run the training CLI in a subprocess, logging (and with echo, printing) its output; returns its
+    exit status. threads: OMP_NUM_THREADS for the child unless the user set it. On Ctrl-C the child
+    (same process group) checkpoints and exits; a SIGINT sent to this process alone is passed on."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "clear_fast.train", *argv]
+    env = dict(os.environ)
+    if threads is not None:
+        env.setdefault("OMP_NUM_THREADS", str(threads))
     with open(log_path, "a") as log:
         log.write("$ " + " ".join(cmd) + "\n")
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                env=env)
         try:
             for line in proc.stdout:
-                sys.stdout.write(line)
+                if echo:
+                    sys.stdout.write(line)
                 log.write(line)
             return proc.wait()
         except KeyboardInterrupt:
@@ -371,6 +378,9 @@ def _slim_noise(noise):
     return noise
 
 
+_GIT_LOCK = threading.Lock()  # parallel runs of one runner commit one at a time
+
+
 def git_commit(path, message, attempts=30):
     """git add + commit of one folder only (other people's staged files stay out of the commit)."""
     path = Path(path).resolve()
@@ -394,8 +404,8 @@ def git_commit(path, message, attempts=30):
         git("commit", "-q", "-m", message, "--", rel)
 
 
-def run_grid(grid, runs, dry_run=False, max_runs=None, commit=False, progress=False):
-    """Run (or list) the given runs in order; returns the process exit status."""
+def run_grid(grid, runs, dry_run=False, max_runs=None, commit=False, progress=False, jobs=1):
+    """Run (or list) the given runs in order, jobs of them at a time; returns the process exit status."""
     todo = [(r, run_status(r, grid)) for r in runs]
     est = {r.name: estimate_seconds(r, grid.cost) for r, s in todo if s != "done"}
     print(f"grid {grid.name} ({grid.path}): {len(runs)} runs selected, "
@@ -417,31 +427,49 @@ def run_grid(grid, runs, dry_run=False, max_runs=None, commit=False, progress=Fa
         print(f"would run {sum(s != 'copy' for _, s in train)} runs, estimated {_hms(total)} "
               f"on a 2-core CPU ({total / 3600:.1f} h)")
         return 0
-    failed = []
-    for k, (r, s) in enumerate(train, 1):
+
+    # With jobs > 1 each run gets an equal share of the cores (OMP_NUM_THREADS) and only its start and
+    # end are printed; small models train faster as parallel 1-thread runs than one run on all cores.
+    threads = None if jobs == 1 else max(1, (os.cpu_count() or 1) // jobs)
+    stop = threading.Event()
+
+    def one(k, r, s):
+        """Train (or only copy) run r; returns its name if it failed."""
+        if stop.is_set():
+            return r.name
         out = grid.work_dir / r.name
+        wall = None
         if s != "copy":
             left = sum(est.get(x.name) or 0 for x, xs in train[k - 1:] if xs != "copy")
             print(f"\n[{k}/{len(train)}] {r.name} ({s}, estimated {_hms(est.get(r.name))}; "
                   f"{_hms(left)} left with this one)", flush=True)
             extra = {"resume": ["--resume"], "restart": ["--overwrite"]}.get(s, [])
             t0 = time.time()
-            try:
-                rc = launch(r.argv(out, progress) + extra, grid.work_dir / f"{r.name}.log")
-            except KeyboardInterrupt:
-                print(f"\ninterrupted: run the same command again to resume {r.name}", file=sys.stderr)
-                return 130
+            rc = launch(r.argv(out, progress) + extra, grid.work_dir / f"{r.name}.log", echo=jobs == 1,
+                        threads=threads)
             if rc != 0 or not (out / "results.json").is_file():
                 print(f"  failed (exit status {rc}); log: {grid.work_dir / (r.name + '.log')}", file=sys.stderr)
-                failed.append(r.name)
-                continue
+                return r.name
             wall = round(time.time() - t0, 1)
-        else:
-            wall = None
         dst = collect(r, grid, wall, est.get(r.name))
         if commit:
-            git_commit(dst, f"results: {r.name}")
-        print(f"  results in {dst}" + (" (committed)" if commit else ""), flush=True)
+            with _GIT_LOCK:
+                git_commit(dst, f"results: {r.name}")
+        print(f"  {r.name}: results in {dst}" + (" (committed)" if commit else ""), flush=True)
+        return None
+
+    try:
+        if jobs == 1:
+            failed = [one(k, r, s) for k, (r, s) in enumerate(train, 1)]
+        else:
+            with ThreadPoolExecutor(jobs) as pool:
+                futures = [pool.submit(one, k, r, s) for k, (r, s) in enumerate(train, 1)]
+                failed = [f.result() for f in futures]
+    except KeyboardInterrupt:
+        stop.set()  # no new run starts; the running ones got the SIGINT too and checkpoint
+        print("\ninterrupted: run the same command again to resume the unfinished runs", file=sys.stderr)
+        return 130
+    failed = [n for n in failed if n]
     if failed:
         print(f"\n{len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
         return 1
@@ -700,6 +728,8 @@ def build_parser():
     p.add_argument("--only", nargs="+", metavar="GLOB", help="only run names matching one of these globs")
     p.add_argument("--dry-run", action="store_true", help="list the runs with their status and estimated time")
     p.add_argument("--max-runs", type=int, help="train at most N runs, then stop")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="train N runs at once, each on cores/N threads (default 1: one run on all cores)")
     p.add_argument("--commit", action="store_true", help="git-commit each finished run's result folder")
     p.add_argument("--progress", action="store_true", help="progress bars inside each run")
     return p
@@ -730,8 +760,9 @@ def main(argv=None):
             print(f"{len(table)} table rows from {results_dir}; wrote results.md, results.csv, comparison.csv, "
                   f"accuracy_by_noise.png, auroc_over_epochs.png to {out}")
             return 0
-        if args.max_runs is not None and args.max_runs < 1:
-            raise ValueError(f"--max-runs must be a positive integer, got {args.max_runs}")
+        for flag in ("max_runs", "jobs"):
+            if getattr(args, flag) is not None and getattr(args, flag) < 1:
+                raise ValueError(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
         grid = load_grid(args.grid)
         if args.results_dir:
             grid.results_dir = Path(args.results_dir)
@@ -740,7 +771,7 @@ def main(argv=None):
         runs = select(grid.runs, args.methods, args.datasets, args.noise, args.seeds, args.only)
         if not runs:
             raise ValueError("the filters match no run of the grid (see --dry-run without filters for the names)")
-        return run_grid(grid, runs, args.dry_run, args.max_runs, args.commit, args.progress)
+        return run_grid(grid, runs, args.dry_run, args.max_runs, args.commit, args.progress, args.jobs)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -3,6 +3,8 @@ arithmetic against hand computations, and clear errors for bad grid files."""
 import json
 import math
 import subprocess
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -69,7 +71,7 @@ def in_process(monkeypatch):
     from clear_fast.train import main as train_main
 
     calls = []
-    monkeypatch.setattr(ex, "launch", lambda argv, log: calls.append(argv) or train_main(argv))
+    monkeypatch.setattr(ex, "launch", lambda argv, log, **kw: calls.append(argv) or train_main(argv))
     return calls
 
 
@@ -127,7 +129,7 @@ def test_interrupted_run_resumes_and_a_finished_one_is_only_copied(tiny_bert, to
     (grid.work_dir / spec.name / "checkpoint.pt").write_bytes(b"")
     assert ex.run_status(spec, grid) == "resume"
     calls = []
-    monkeypatch.setattr(ex, "launch", lambda argv, log: calls.append(argv) or 1)
+    monkeypatch.setattr(ex, "launch", lambda argv, log, **kw: calls.append(argv) or 1)
     assert ex.run_grid(grid, grid.runs) == 1  # the (fake) training failed: reported, not copied
     assert calls[0][-1] == "--resume" and "--output-dir" in calls[0]
     assert not (grid.results_dir / spec.name).exists()
@@ -147,6 +149,31 @@ def test_interrupted_run_resumes_and_a_finished_one_is_only_copied(tiny_bert, to
     assert ex.stale_flags(spec, grid) == {"learning_rate": (3e-3, 1e-2)}
     assert ex.run_grid(grid, grid.runs) == 0 and calls == []
     assert "made with other settings: learning_rate 0.003 (grid now 0.01)" in capsys.readouterr().out
+
+
+def test_jobs_run_at_once_on_a_share_of_the_cores_and_failures_are_all_reported(tiny_bert, toy_files, tmp_path,
+                                                                                 monkeypatch, capsys):
+    grid = ex.load_grid(write_grid(tmp_path / "grid.yaml", tiny_bert, toy_files))
+    grid.results_dir, grid.work_dir = tmp_path / "results", tmp_path / "work"
+    running, seen, lock = [0], [], threading.Lock()
+
+    def fake_launch(argv, log, echo=True, threads=None):
+        with lock:
+            running[0] += 1
+            seen.append((running[0], echo, threads))
+        time.sleep(0.3)
+        with lock:
+            running[0] -= 1
+        return 1
+
+    monkeypatch.setattr(ex, "launch", fake_launch)
+    monkeypatch.setattr(ex.os, "cpu_count", lambda: 4)
+    assert ex.run_grid(grid, grid.runs, jobs=2) == 1
+    assert len(seen) == 4 and max(n for n, _, _ in seen) == 2  # two at a time, never more
+    assert all(echo is False and threads == 2 for _, echo, threads in seen)
+    err = capsys.readouterr().err
+    assert "4 run(s) failed" in err and all(r.name in err for r in grid.runs)
+    assert ex.main(["--grid", str(tmp_path / "grid.yaml"), "--jobs", "0"]) == 2
 
 
 def test_commit_puts_only_the_run_folder_in_a_commit(tmp_path, monkeypatch):
