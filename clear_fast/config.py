@@ -58,6 +58,8 @@ class TrainConfig:
     temperature: float = _f(1.0, "temperature T of the consistency loss")
     normalize_losses: bool = _f(False, "min-max normalise losses before the mixture (DivideMix); "
                                 "released code: raw")
+    classwise_losses: bool = _f(False, "subtract each observed class's median loss before the mixture "
+                                "(deviation; released: one mixture over all losses as they are)")
     clean_prob_source: str = _f("pass", "pass (released: a no-grad pass each epoch) | train-steps "
                                 "(deviation: losses recorded during the previous epoch's steps)")
     head_routing: str = _f("all", "all (released: the head trains on every sample) | routed (after warm-up, "

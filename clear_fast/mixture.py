@@ -420,16 +420,37 @@ class GaussianMixture1D:
 
 
 @_one_thread
-def clean_probability(losses, normalize=False, **gmm_options):
+def class_medians(values, labels):
+    """The (lower) median of values [N] within each label's group, per sample [N]: the element
+    at rank (n_k - 1) // 2 of its group, as torch.median. One sort, no loop over classes."""
+    labels = labels.reshape(-1).to(values.device, torch.long)
+    by_value = torch.argsort(values, stable=True)
+    order = by_value[torch.argsort(labels[by_value], stable=True)]  # by label, then by value
+    sorted_labels = labels[order]
+    counts = torch.bincount(sorted_labels)
+    starts = torch.cumsum(counts, 0) - counts
+    return values[order][starts + (counts - 1) // 2][labels]
+
+
+def clean_probability(losses, normalize=False, labels=None, **gmm_options):
     """CleaR's clean probability: posterior of the smaller-mean component of a 2-component
     GaussianMixture1D(**gmm_options) fitted to the per-sample losses.
 
     normalize=True min-max normalises the losses first (DivideMix); the default uses the raw
-    losses (the released CleaR code). Returns (p_clean [N] float64 in the type and on the device
-    of `losses`, the fitted mixture). Losses with a single distinct value carry no evidence of
-    noise: p_clean = 1 for every sample (the mixture is still fitted and warns, as sklearn).
+    losses (the released CleaR code). labels ([N] observed labels, optional; a deviation from the
+    released code) subtracts each observed class's median loss first, so that one global mixture
+    does not call every sample of a hard class noisy. Returns (p_clean [N] float64 in the type and
+    on the device of `losses`, the fitted mixture). Losses with a single distinct value carry no
+    evidence of noise: p_clean = 1 for every sample (the mixture is still fitted and warns, as sklearn).
     """
     t, is_torch = _as_tensor(losses, "losses")
+    if labels is not None:
+        lab, _ = _as_tensor(labels, "labels")
+        if lab.numel() != t.numel():
+            raise ValueError(f"labels has {lab.numel()} entries but losses has {t.numel()}")
+        if bool((lab < 0).any()) or not bool((lab == lab.round()).all()):
+            raise ValueError("labels must be non-negative integers (class indices)")
+        t = t - class_medians(t, lab.to(t.device))
     lo, hi = t.min(), t.max()
     single_value = bool(lo == hi)
     if normalize and not single_value:

@@ -79,7 +79,9 @@ class Run:
                 raise ValueError(f"--resume: no checkpoint in {self.out} to resume from")
             saved = json.loads((self.out / "config.json").read_text())
             ignore = {"resume", "overwrite", "progress", "plots"}
-            diff = sorted(k for k, v in self.cfg.to_dict().items() if k not in ignore and saved.get(k) != v)
+            defaults = TrainConfig().to_dict()  # a run saved before an option existed ran with its default
+            diff = sorted(k for k, v in self.cfg.to_dict().items()
+                          if k not in ignore and saved.get(k, defaults.get(k)) != v)
             if diff:
                 raise ValueError(f"--resume: the run in {self.out} was made with different settings: "
                                  + ", ".join(f"{k} (saved {saved.get(k)!r}, now {self.cfg.to_dict()[k]!r})"
@@ -232,7 +234,8 @@ class Run:
             losses = torch.nn.functional.cross_entropy(zbar, labels, reduction="none")
         t1 = time.perf_counter()
         losses64 = losses.double() if losses.device.type == "cpu" else losses
-        p_clean, gmm = clean_probability(losses64, normalize=cfg.normalize_losses)
+        p_clean, gmm = clean_probability(losses64, normalize=cfg.normalize_losses,
+                                         labels=labels if cfg.classwise_losses else None)
         t2 = time.perf_counter()
         return {"zbar": zbar, "losses": losses.float(), "p_clean": p_clean.float().to(self.device), "gmm": gmm,
                 "pass_s": t1 - t0, "mixture_s": t2 - t1}

@@ -11,7 +11,7 @@ import torch
 from sklearn.mixture import GaussianMixture
 
 from clear_fast.mixture import (ConvergenceWarning, GaussianMixture1D, _first_center,
-                                clean_probability)
+                                class_medians, clean_probability)
 
 SEEDS = np.random.default_rng().integers(0, 2**31 - 1, size=8).tolist()
 
@@ -235,3 +235,33 @@ def test_errors_name_the_problem():
             GaussianMixture1D(**kw)
     with pytest.raises(RuntimeError, match="not fitted"):
         GaussianMixture1D().predict_proba(np.ones(3))
+
+
+def test_classwise_losses_subtract_each_class_median_before_the_mixture():
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 5, 400)
+    losses = rng.exponential(0.2, 400) + 2.0 * labels  # class k's clean losses sit near 2k
+    noisy = rng.random(400) < 0.3
+    losses[noisy] += 4.0
+    med = class_medians(torch.as_tensor(losses), torch.as_tensor(labels)).numpy()
+    for k in range(5):
+        group = np.sort(losses[labels == k])
+        assert np.all(med[labels == k] == group[(len(group) - 1) // 2])  # torch.median's lower median
+    p, _ = clean_probability(torch.as_tensor(losses) - torch.as_tensor(med))
+    p_cls, _ = clean_probability(losses, labels=labels)
+    assert np.allclose(p_cls, p.numpy())
+    # one global mixture calls the clean samples of the hardest classes noisy; centring per class does not
+    p_raw, _ = clean_probability(losses)
+    hard_clean = (labels >= 3) & ~noisy
+    assert (p_raw[hard_clean] > 0.5).mean() < 0.5 < 0.95 < (p_cls[hard_clean] > 0.5).mean()
+    assert (p_cls[noisy] > 0.5).mean() < 0.05
+
+
+@pytest.mark.parametrize("labels, message", [
+    (np.zeros(7, dtype=int), "labels has 7 entries but losses has 8"),
+    (np.array([0, 1, -1, 0, 1, 0, 1, 0]), "non-negative integers"),
+    (np.array([0, 1, 0.5, 0, 1, 0, 1, 0]), "non-negative integers"),
+])
+def test_classwise_losses_bad_labels(labels, message):
+    with pytest.raises(ValueError, match=message):
+        clean_probability(np.arange(8.0), labels=labels)

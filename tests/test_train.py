@@ -69,7 +69,7 @@ def strip_times(records):
 @pytest.mark.parametrize("method, extra", [
     ("clear-lora", []), ("lora", []), ("full", []), ("oracle-lora", []),
     ("clear-lora", ["--head-routing", "routed", "--clean-prob-source", "train-steps", "--eval-routing",
-                    "stochastic", "--normalize-losses"]),
+                    "stochastic", "--normalize-losses", "--classwise-losses"]),
 ])
 def test_every_method_runs_end_to_end(tiny_models, toy_files, tmp_path, method, extra):
     out = tmp_path / method
