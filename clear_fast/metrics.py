@@ -4,8 +4,11 @@ import math
 import numpy as np
 
 
-def clean_detection(p_clean, clean_mask, threshold=0.5):
+def clean_detection(p_clean, clean_mask, threshold=0.5, true_labels=None):
     """AUROC and average precision of p_clean for 'label is clean', precision / recall of p > threshold.
+    With true_labels, also per class (over classes with a clean sample): the mean of the per-class
+    recalls and the fraction of classes none of whose clean samples is found, since a class whose
+    clean samples are all called noisy never trains the adapters.
 
     Figures that are undefined (no noisy or no clean sample) are None, not a made-up number.
     """
@@ -15,13 +18,20 @@ def clean_detection(p_clean, clean_mask, threshold=0.5):
     y = np.asarray(clean_mask, dtype=bool)
     both = y.any() and (~y).any()
     pred = p > threshold
-    return {
+    out = {
         "auroc": float(roc_auc_score(y, p)) if both else None,
         "average_precision": float(average_precision_score(y, p)) if both else None,
         "precision": float(y[pred].mean()) if pred.any() else None,
         "recall": float(pred[y].mean()) if y.any() else None,
         "predicted_clean_fraction": float(pred.mean()),
     }
+    if true_labels is not None:
+        labels = np.asarray(true_labels)[y]
+        found = pred[y]
+        recalls = np.array([found[labels == c].mean() for c in np.unique(labels)])
+        out["class_mean_recall"] = float(recalls.mean()) if len(recalls) else None
+        out["classes_none_found"] = float((recalls == 0).mean()) if len(recalls) else None
+    return out
 
 
 def training_fit(pred, observed, true, clean_mask):

@@ -320,7 +320,7 @@ class Run:
         rec = {"epoch": epoch + 1, "phase": "warm-up" if (warm and self.routed) else "train",
                "train_loss": ep["train_loss"], "test_accuracy": test_acc, "dev_accuracy": dev_acc,
                "routed_fraction": ep["routed_fraction"], "mixture": metrics.mixture_summary(cp["gmm"])}
-        det = metrics.clean_detection(p, self.clean_mask)
+        det = metrics.clean_detection(p, self.clean_mask, true_labels=self.true_labels.numpy())
         rec.update({"clean_" + k: v for k, v in det.items()})
         rec.update(metrics.training_fit(pred, self.train.labels.numpy(), self.true_labels.numpy(), self.clean_mask))
         rec["time_s"] = {k: round(v, 3) for k, v in times.items()}
@@ -341,7 +341,8 @@ class Run:
             results.update({"dev_selected_test_accuracy": test[b], "dev_selected_epoch": b + 1})
         last = records[-1]
         results["final_clean_detection"] = {k: last.get("clean_" + k) for k in
-                                            ("auroc", "average_precision", "precision", "recall")}
+                                            ("auroc", "average_precision", "precision", "recall",
+                                             "class_mean_recall", "classes_none_found")}
         results["final_mixture"] = last["mixture"]
         results.update({"config": cfg.to_dict(), "versions": _versions(), "device": _device_name(self.device),
                         "wall_time_s": round(wall, 1), "epoch_time_s": [r["epoch_s"] for r in records]})

@@ -79,6 +79,8 @@ def test_every_method_runs_end_to_end(tiny_models, toy_files, tmp_path, method, 
     assert len(recs) == 3 and res["method"] == method
     assert 0.0 <= res["best_test_accuracy"] <= 1.0
     assert res["last_test_accuracy"] == recs[-1]["test_accuracy"]
+    assert all(0.0 <= r["clean_classes_none_found"] <= 1.0 and 0.0 <= r["clean_class_mean_recall"] <= 1.0
+               for r in recs)
     noise = json.loads((out / "noise.json").read_text())
     assert len(noise["clean_mask"]) == 160
     lines = (out / "per_sample.csv").read_text().splitlines()
@@ -279,3 +281,17 @@ def test_compiled_model_trains_and_matches_eager(tiny_models, toy_files, tmp_pat
     run.router.set_masks(None)
     assert run.forward_model is not run.model
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+
+
+def test_clean_detection_per_class_figures_by_hand():
+    from clear_fast.metrics import clean_detection
+
+    p = np.array([0.9, 0.8, 0.1, 0.2, 0.7, 0.3, 0.95])
+    clean = np.array([1, 1, 1, 1, 0, 1, 0], dtype=bool)
+    true = np.array([0, 0, 1, 1, 1, 2, 2])
+    det = clean_detection(p, clean, true_labels=true)
+    # clean samples: class 0 -> found 2/2, class 1 -> 0/2, class 2 -> 0/1
+    assert det["recall"] == pytest.approx(2 / 5)
+    assert det["class_mean_recall"] == pytest.approx((1 + 0 + 0) / 3)
+    assert det["classes_none_found"] == pytest.approx(2 / 3)
+    assert "class_mean_recall" not in clean_detection(p, clean)
