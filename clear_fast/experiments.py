@@ -43,8 +43,9 @@ GRID_KEYS = {"name", "description", "results_dir", "report_dir", "work_dir", "sh
 RUNNER_FLAGS = {"output_dir", "seed", "noise_type", "noise_rate", "resume", "overwrite", "progress", "config"}
 ROUTED = ("clear-lora", "oracle-lora")
 ORACLE = "oracle-lora"  # needs injected noise: never run on clean data
-# Seconds per batch of 32 as a + b * max_length (2-core CPU, MiniLM-L6; see docs/results.md).
-DEFAULT_COST = {"train_step": [0.2, 0.0125], "forward": [0.0, 0.00625], "full_factor": 1.1, "startup_s": 20.0}
+# Seconds per batch of 32 as a + b * max_length: one run alone on a quiet 2-core CPU, MiniLM-L6,
+# calibrated on the grid's own runs (docs/results.md "Time").
+DEFAULT_COST = {"train_step": [0.1, 0.0056], "forward": [0.0, 0.0017], "full_factor": 1.8, "startup_s": 10.0}
 RESULT_FILES = ("results.json", "metrics.jsonl")
 
 
