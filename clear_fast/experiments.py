@@ -479,7 +479,8 @@ def run_grid(grid, runs, dry_run=False, max_runs=None, commit=False, progress=Fa
 
 # ============================================================================= report
 ACC_METRICS = ("best", "last", "dev_selected")
-METRICS = ACC_METRICS + ("dev_best", "auroc")
+DETECTION = ("auroc", "recall", "classes_none_found")  # final clean detection, from results.json
+METRICS = ACC_METRICS + ("dev_best",) + DETECTION
 METHOD_ORDER = {m: i for i, m in enumerate(("lora", "clear-lora", "oracle-lora", "full"))}
 NOISE_ORDER = {t: i for i, t in enumerate(NOISE_TYPES)}
 
@@ -508,7 +509,7 @@ def load_results(results_dir):
             "best": res["best_test_accuracy"], "last": res["last_test_accuracy"],
             "dev_selected": res.get("dev_selected_test_accuracy"), "dev_best": max(dev) if dev else None,
             "dev_epoch": res.get("dev_selected_epoch"),
-            "auroc": det.get("auroc"),
+            **{m: det.get(m) for m in DETECTION},
             "flip_rate": noise.get("achieved_flip_rate"), "wall_s": res.get("wall_time_s"),
             "auroc_by_epoch": [r.get("clean_auroc") for r in records],
             # a run saved before an option existed ran with its default
@@ -593,13 +594,15 @@ def markdown_report(table, comparison, n_runs, results_dir):
              "over seeds (n = number of seeds); best = best epoch, last = last epoch, dev-selected = the epoch "
              "with the best dev accuracy; best dev = that dev accuracy (for tuning); AUROC = clean-detection "
              "AUROC of the last epoch's clean probability against the true clean mask (– where undefined, "
-             "e.g. clean data). A method marked *(mixed settings)* averages runs whose configurations differ "
+             "e.g. clean data); clean recall = fraction of the clean samples with p > 0.5 at the end; classes "
+             "none found = fraction of classes none of whose clean samples has p > 0.5 (those classes no "
+             "longer train the adapters; – for runs made before this figure existed). A method marked *(mixed settings)* averages runs whose configurations differ "
              "in more than the seed.", ""]
     for ds in dict.fromkeys(e["dataset"] for e in table):
-        lines += [f"### {ds}", "", "| noise | method | n | best | last | dev-selected | best dev | final AUROC |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"### {ds}", "", "| noise | method | n | best | last | dev-selected | best dev | AUROC | clean recall "
+                  "| classes none found |", "|---|---|---|---|---|---|---|---|---|---|"]
         for e in (e for e in table if e["dataset"] == ds):
-            cells = [_cell(e, m) for m in ACC_METRICS + ("dev_best",)] + [_cell(e, "auroc", 1.0, 3)]
+            cells = [_cell(e, m) for m in ACC_METRICS + ("dev_best",)] + [_cell(e, m, 1.0, 2) for m in DETECTION]
             method = e["method"] + (" **(mixed settings)**" if e["mixed_settings"] else "")
             lines.append(f"| {e['noise']} | {method} | {e['n']} | " + " | ".join(cells) + " |")
         lines.append("")

@@ -195,12 +195,12 @@ def test_commit_puts_only_the_run_folder_in_a_commit(tmp_path, monkeypatch):
     assert len(git("log", "--format=%s").splitlines()) == 1
 
 
-def fake_run(root, dataset, noise, rate, method, seed, best, last, dev_sel, auroc, aurocs=(), lr=2e-3):
+def fake_run(root, dataset, noise, rate, method, seed, best, last, dev_sel, auroc, aurocs=(), lr=2e-3, **detection):
     d = root / f"{dataset}__{ex.noise_label(noise, rate)}__{ex.slug(method)}__seed{seed}"
     d.mkdir(parents=True)
     res = {"dataset": dataset, "method": method.split("[")[0], "noise": {"noise_type": noise, "requested_rate": rate},
            "best_test_accuracy": best, "last_test_accuracy": last, "dev_selected_test_accuracy": dev_sel,
-           "final_clean_detection": {"auroc": auroc}, "config": {"seed": seed, "learning_rate": lr}}
+           "final_clean_detection": {"auroc": auroc, **detection}, "config": {"seed": seed, "learning_rate": lr}}
     (d / "results.json").write_text(json.dumps(res))
     (d / "run.json").write_text(json.dumps({"method": method, "dataset": dataset, "seed": seed}))
     (d / "metrics.jsonl").write_text("".join(json.dumps({"clean_auroc": a, "dev_accuracy": 0.5 + seed / 10}) + "\n"
@@ -210,7 +210,8 @@ def fake_run(root, dataset, noise, rate, method, seed, best, last, dev_sel, auro
 def test_report_mean_std_and_seed_spread_by_hand(tmp_path):
     r = tmp_path / "results"
     for s, (b, l, d, a) in enumerate([(0.70, 0.60, 0.65, 0.90), (0.74, 0.62, 0.69, 0.80), (0.78, 0.70, 0.73, 0.85)]):
-        fake_run(r, "bank", "symmetric", 0.4, "clear-lora", s, b, l, d, a, aurocs=(0.9, 0.8))
+        fake_run(r, "bank", "symmetric", 0.4, "clear-lora", s, b, l, d, a, aurocs=(0.9, 0.8),
+                 **({} if s == 0 else {"recall": 0.5 + s / 10, "classes_none_found": 0.1}))
     for s, (b, l, d) in enumerate([(0.72, 0.50, 0.66), (0.73, 0.51, 0.67), (0.74, 0.52, 0.68)]):
         fake_run(r, "bank", "symmetric", 0.4, "lora", s, b, l, d, 0.7, aurocs=(0.7,))
     fake_run(r, "bank", "symmetric", 0.4, "clear-lora[gamma=0.7]", 0, 0.9, 0.9, 0.9, 0.95)
@@ -240,7 +241,9 @@ def test_report_mean_std_and_seed_spread_by_hand(tmp_path):
     assert cmp["clear-lora"]["last_verdict"] == "beyond seed spread"
     assert cmp["clear-lora[gamma=0.7]"]["best_verdict"] == "single seed: spread unknown"
     md = (tmp_path / "out" / "results.md").read_text()
-    assert "| symmetric0.4 | clear-lora | 3 | 74.0 ± 4.0 | 64.0 ± 5.3 | 69.0 ± 4.0 | 60.0 ± 10.0 | 0.850 ± 0.050 |" in md
+    # recall and classes none found: only seeds 1 and 2 have them (runs made before the figures existed)
+    assert ("| symmetric0.4 | clear-lora | 3 | 74.0 ± 4.0 | 64.0 ± 5.3 | 69.0 ± 4.0 | 60.0 ± 10.0 | 0.85 ± 0.05 "
+            "| 0.65 ± 0.07 (n=2) | 0.10 ± 0.00 (n=2) |") in md
     assert "+1.0 (within seed spread)" in md and "+13.0 |" in md
     csv_text = (tmp_path / "out" / "results.csv").read_text().splitlines()
     assert csv_text[0].startswith("dataset,noise,noise_type,noise_rate,method,n,seeds,mixed_settings,best_mean,best_std")
