@@ -448,6 +448,8 @@ def run_grid(grid, runs, dry_run=False, max_runs=None, commit=False, progress=Fa
             t0 = time.time()
             rc = launch(r.argv(out, progress) + extra, grid.work_dir / f"{r.name}.log", echo=jobs == 1,
                         threads=threads)
+            if rc == 130:  # the training was interrupted (Ctrl-C reaches every run): start no other
+                stop.set()
             if rc != 0 or not (out / "results.json").is_file():
                 print(f"  failed (exit status {rc}); log: {grid.work_dir / (r.name + '.log')}", file=sys.stderr)
                 return r.name
@@ -465,9 +467,12 @@ def run_grid(grid, runs, dry_run=False, max_runs=None, commit=False, progress=Fa
         else:
             with ThreadPoolExecutor(jobs) as pool:
                 futures = [pool.submit(one, k, r, s) for k, (r, s) in enumerate(train, 1)]
-                failed = [f.result() for f in futures]
-    except KeyboardInterrupt:
-        stop.set()  # no new run starts; the running ones got the SIGINT too and checkpoint
+                try:
+                    failed = [f.result() for f in futures]
+                except KeyboardInterrupt:
+                    stop.set()  # before the pool waits for its threads: no new run starts
+                    raise
+    except KeyboardInterrupt:  # the running trainings got the SIGINT too: they checkpoint and exit
         print("\ninterrupted: run the same command again to resume the unfinished runs", file=sys.stderr)
         return 130
     failed = [n for n in failed if n]
@@ -596,8 +601,8 @@ def markdown_report(table, comparison, n_runs, results_dir):
              "AUROC of the last epoch's clean probability against the true clean mask (– where undefined, "
              "e.g. clean data); clean recall = fraction of the clean samples with p > 0.5 at the end; classes "
              "none found = fraction of classes none of whose clean samples has p > 0.5 (those classes no "
-             "longer train the adapters; – for runs made before this figure existed). A method marked *(mixed settings)* averages runs whose configurations differ "
-             "in more than the seed.", ""]
+             "longer train the adapters; – for runs made before this figure existed). A method marked "
+             "*(mixed settings)* averages runs whose configurations differ in more than the seed.", ""]
     for ds in dict.fromkeys(e["dataset"] for e in table):
         lines += [f"### {ds}", "", "| noise | method | n | best | last | dev-selected | best dev | AUROC | clean recall "
                   "| classes none found |", "|---|---|---|---|---|---|---|---|---|---|"]

@@ -2,6 +2,7 @@
 arithmetic against hand computations, and clear errors for bad grid files."""
 import json
 import math
+import signal
 import subprocess
 import threading
 import time
@@ -174,6 +175,25 @@ def test_jobs_run_at_once_on_a_share_of_the_cores_and_failures_are_all_reported(
     err = capsys.readouterr().err
     assert "4 run(s) failed" in err and all(r.name in err for r in grid.runs)
     assert ex.main(["--grid", str(tmp_path / "grid.yaml"), "--jobs", "0"]) == 2
+
+
+def test_ctrl_c_with_jobs_starts_no_new_run(tiny_bert, toy_files, tmp_path, monkeypatch, capsys):
+    grid = ex.load_grid(write_grid(tmp_path / "grid.yaml", tiny_bert, toy_files))
+    grid.results_dir, grid.work_dir = tmp_path / "results", tmp_path / "work"
+    started = []
+
+    def fake_launch(argv, log, echo=True, threads=None):
+        started.append(argv)
+        time.sleep(0.3)  # the runner now waits for results
+        if argv is started[0]:
+            signal.raise_signal(signal.SIGINT)  # Ctrl-C reaches the runner...
+        time.sleep(0.3)
+        return 130  # ...and every training, which checkpoints and exits with 130
+
+    monkeypatch.setattr(ex, "launch", fake_launch)
+    assert ex.run_grid(grid, grid.runs, jobs=2) == 130
+    assert len(grid.runs) == 4 and len(started) == 2  # the two running ones, and no third
+    assert "interrupted" in capsys.readouterr().err
 
 
 def test_commit_puts_only_the_run_folder_in_a_commit(tmp_path, monkeypatch):
