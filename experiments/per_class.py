@@ -1,0 +1,36 @@
+"""Per-class clean detection and fit at the end of runs, from their per_sample.csv (work dirs).
+
+    python experiments/per_class.py runs/experiments/ablations/banking77__symmetric0.4__*__seed0
+
+For each run: recall of p_clean > 0.5 over the clean samples, its mean over classes, the fraction of
+classes none of whose clean samples is found (they no longer train the adapters), the precision of
+p > 0.5, the accuracy on clean training samples, the fraction of classes whose clean training samples
+are mostly misclassified, and the memorisation of noisy labels. Classes are the true labels.
+"""
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+
+def per_class(path):
+    d = pd.read_csv(Path(path) / "per_sample.csv")
+    clean, noisy = d[d.flipped == 0], d[d.flipped == 1]
+    found = (clean.clean_probability > 0.5).groupby(clean.true_label).mean()
+    fit = (clean.predicted_label == clean.true_label).groupby(clean.true_label).mean()
+    called_clean = d.clean_probability > 0.5
+    return {"recall": (clean.clean_probability > 0.5).mean(), "class_mean_recall": found.mean(),
+            "classes_none_found": (found == 0).mean(), "precision": (d.flipped[called_clean] == 0).mean(),
+            "clean_train_accuracy": (clean.predicted_label == clean.true_label).mean(),
+            "classes_mostly_misfit": (fit < 0.5).mean(),
+            "noisy_memorised": (noisy.predicted_label == noisy.observed_label).mean()}
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        sys.exit(__doc__)
+    rows = {Path(p).name: per_class(p) for p in sys.argv[1:]}
+    keys = list(next(iter(rows.values())))
+    print("| run | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys))
+    for name, r in rows.items():
+        print(f"| {name} | " + " | ".join(f"{r[k]:.3f}" for k in keys) + " |")
