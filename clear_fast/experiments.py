@@ -593,6 +593,19 @@ def _cell(e, metric, scale=100.0, digits=1):
     return text + (f" (n={n})" if n != e["n"] else "")
 
 
+def summary_table(table, metric, title):
+    """One metric as dataset x noise rows and one column per method (cells: mean ± std, n=k seeds)."""
+    methods = sorted(dict.fromkeys(e["method"] for e in table), key=_method_key)
+    cells = {(e["dataset"], e["noise"], e["method"]): e for e in table}
+    lines = [f"### {title}", "", "| dataset | noise | " + " | ".join(methods) + " |",
+             "|---|---|" + "---|" * len(methods)]
+    for ds, noise in dict.fromkeys((e["dataset"], e["noise"]) for e in table):
+        row = [(_cell(cells[ds, noise, m], metric) + f" (n={cells[ds, noise, m]['n']})")
+               if (ds, noise, m) in cells else "" for m in methods]
+        lines.append(f"| {ds} | {noise} | " + " | ".join(row) + " |")
+    return lines + [""]
+
+
 def markdown_report(table, comparison, n_runs, results_dir):
     lines = [f"Aggregated from {n_runs} finished run(s) in `{results_dir}` by "
              "`python -m clear_fast.experiments report`. Test accuracy in %, mean ± sample standard deviation "
@@ -603,6 +616,8 @@ def markdown_report(table, comparison, n_runs, results_dir):
              "none found = fraction of classes none of whose clean samples has p > 0.5 (those classes no "
              "longer train the adapters; – for runs made before this figure existed). A method marked "
              "*(mixed settings)* averages runs whose configurations differ in more than the seed.", ""]
+    lines += summary_table(table, "dev_selected", "Summary: dev-selected test accuracy") + \
+        summary_table(table, "last", "Summary: last-epoch test accuracy")
     for ds in dict.fromkeys(e["dataset"] for e in table):
         lines += [f"### {ds}", "", "| noise | method | n | best | last | dev-selected | best dev | AUROC | clean recall "
                   "| classes none found |", "|---|---|---|---|---|---|---|---|---|---|"]

@@ -265,6 +265,9 @@ def test_report_mean_std_and_seed_spread_by_hand(tmp_path):
     assert ("| symmetric0.4 | clear-lora | 3 | 74.0 ± 4.0 | 64.0 ± 5.3 | 69.0 ± 4.0 | 60.0 ± 10.0 | 0.85 ± 0.05 "
             "| 0.65 ± 0.07 (n=2) | 0.10 ± 0.00 (n=2) |") in md
     assert "+1.0 (within seed spread)" in md and "+13.0 |" in md
+    summary = md[md.index("### Summary: dev-selected"):md.index("### Summary: last")]
+    assert "| dataset | noise | lora | clear-lora | clear-lora[gamma=0.7] | full |" in summary
+    assert "| bank | symmetric0.4 | 67.0 ± 1.0 (n=3) | 69.0 ± 4.0 (n=3) | 90.0 (n=1) |  |" in summary
     csv_text = (tmp_path / "out" / "results.csv").read_text().splitlines()
     assert csv_text[0].startswith("dataset,noise,noise_type,noise_rate,method,n,seeds,mixed_settings,best_mean,best_std")
     assert len(csv_text) == 1 + 5
