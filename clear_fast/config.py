@@ -97,6 +97,12 @@ class TrainConfig:
             d["target_modules"] = list(d["target_modules"])
         return d
 
+    @classmethod
+    def saved_with_defaults(cls, saved):
+        """A config dict saved by an earlier version, with the options it predates at their defaults
+        (the run was made with them)."""
+        return {**cls().to_dict(), **saved}
+
     def validate(self):
         """Raise ValueError naming every bad setting at once."""
         bad = []

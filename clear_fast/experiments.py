@@ -496,7 +496,7 @@ PER_RUN_SETTINGS = {"seed", "noise_seed", "output_dir", "overwrite", "resume", "
 
 def load_results(results_dir):
     """One row per finished run under results_dir: its grouping keys, metrics and AUROC per epoch."""
-    rows, defaults = [], TrainConfig().to_dict()
+    rows = []
     for res_path in sorted(Path(results_dir).glob("*/results.json")):
         res = json.loads(res_path.read_text())
         meta_path = res_path.parent / "run.json"
@@ -517,8 +517,7 @@ def load_results(results_dir):
             **{m: det.get(m) for m in DETECTION},
             "flip_rate": noise.get("achieved_flip_rate"), "wall_s": res.get("wall_time_s"),
             "auroc_by_epoch": [r.get("clean_auroc") for r in records],
-            # a run saved before an option existed ran with its default
-            "settings": json.dumps({k: v for k, v in {**defaults, **res.get("config", {})}.items()
+            "settings": json.dumps({k: v for k, v in TrainConfig.saved_with_defaults(res.get("config", {})).items()
                                     if k not in PER_RUN_SETTINGS}, sort_keys=True),
         })
     return rows

@@ -77,11 +77,9 @@ class Run:
         if self.cfg.resume:
             if not (self.out / "checkpoint.pt").exists():
                 raise ValueError(f"--resume: no checkpoint in {self.out} to resume from")
-            saved = json.loads((self.out / "config.json").read_text())
+            saved = TrainConfig.saved_with_defaults(json.loads((self.out / "config.json").read_text()))
             ignore = {"resume", "overwrite", "progress", "plots"}
-            defaults = TrainConfig().to_dict()  # a run saved before an option existed ran with its default
-            diff = sorted(k for k, v in self.cfg.to_dict().items()
-                          if k not in ignore and saved.get(k, defaults.get(k)) != v)
+            diff = sorted(k for k, v in self.cfg.to_dict().items() if k not in ignore and saved.get(k) != v)
             if diff:
                 raise ValueError(f"--resume: the run in {self.out} was made with different settings: "
                                  + ", ".join(f"{k} (saved {saved.get(k)!r}, now {self.cfg.to_dict()[k]!r})"

@@ -344,3 +344,19 @@ def test_unreadable_or_missing_grid_file(tmp_path, capsys):
     assert "grid file not found" in capsys.readouterr().err
     assert ex.main(["report", "--results-dir", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "no finished runs" in capsys.readouterr().err
+
+
+def test_an_option_missing_from_an_older_run_counts_as_its_default(tmp_path):
+    r = tmp_path / "results"
+    fake_run(r, "bank", "symmetric", 0.4, "lora", 0, 0.7, 0.7, 0.7, 0.9)  # saved before classwise_losses
+    fake_run(r, "bank", "symmetric", 0.4, "lora", 1, 0.7, 0.7, 0.7, 0.9)
+    cfg = tmp_path / "results" / "bank__symmetric0.4__lora__seed1" / "results.json"
+    res = json.loads(cfg.read_text())
+    res["config"]["classwise_losses"] = False
+    cfg.write_text(json.dumps(res))
+    table, _ = ex.report(r, tmp_path / "out")
+    assert not table[0]["mixed_settings"]
+    res["config"]["classwise_losses"] = True
+    cfg.write_text(json.dumps(res))
+    table, _ = ex.report(r, tmp_path / "out")
+    assert table[0]["mixed_settings"]
