@@ -12,15 +12,15 @@ from pathlib import Path
 
 import pandas as pd
 
+from clear_fast.metrics import clean_detection
+
 
 def per_class(path):
     d = pd.read_csv(Path(path) / "per_sample.csv")
     clean, noisy = d[d.flipped == 0], d[d.flipped == 1]
-    found = (clean.clean_probability > 0.5).groupby(clean.true_label).mean()
+    det = clean_detection(d.clean_probability, d.flipped == 0, true_labels=d.true_label)
     fit = (clean.predicted_label == clean.true_label).groupby(clean.true_label).mean()
-    called_clean = d.clean_probability > 0.5
-    return {"recall": (clean.clean_probability > 0.5).mean(), "class_mean_recall": found.mean(),
-            "classes_none_found": (found == 0).mean(), "precision": (d.flipped[called_clean] == 0).mean(),
+    return {**{k: det[k] for k in ("recall", "class_mean_recall", "classes_none_found", "precision")},
             "clean_train_accuracy": (clean.predicted_label == clean.true_label).mean(),
             "classes_mostly_misfit": (fit < 0.5).mean(),
             "noisy_memorised": (noisy.predicted_label == noisy.observed_label).mean()}
