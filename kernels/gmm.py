@@ -79,22 +79,28 @@ def _gmm_em_kernel(
     stats_ptr,  # float64 [T + 1, P, 4, KP]: rows S0, S1, S2, LL (LL in column 0)
     params_ptr,  # float64 [T + 1, 3, KP]: rows means, variances, weights
     resp_ptr,  # float64 [n, K], written when STORE_RESP
-    it, n_programs, reg_covar, eps10, log_2pi,
+    consts_ptr,  # float64 [3]: reg_covar, 10 eps, log(2 pi) (by pointer: float scalars would be fp32)
+    it, n_programs,
     K: tl.constexpr, KP: tl.constexpr, PP: tl.constexpr, BLOCK: tl.constexpr,
     FROM_STATS: tl.constexpr, STORE_RESP: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    reg_covar = tl.load(consts_ptr)
+    eps10 = tl.load(consts_ptr + 1)
+    log_2pi = tl.load(consts_ptr + 2)
     ks = tl.arange(0, KP)
     kmask = ks < K
     slot = 4 * KP  # one program's partial sums
     if FROM_STATS:
         # theta_{it-1} = M-step of iteration it-1, whose sums were taken about theta_{it-2}'s means.
         ps = tl.arange(0, PP)
-        offs = (it - 1) * n_programs * slot + ps[:, None] * slot + ks[None, :]
+        # (not named `offs`: compiled Triton would take the tile loop's `offs` for a loop-carried
+        # variable of another shape; the interpreter does not check this)
+        sums = stats_ptr + (it - 1) * n_programs * slot + ps[:, None] * slot + ks[None, :]
         pmask = (ps[:, None] < n_programs) & kmask[None, :]
-        s0 = tl.sum(tl.load(stats_ptr + offs, mask=pmask, other=0.0), axis=0)
-        s1 = tl.sum(tl.load(stats_ptr + offs + KP, mask=pmask, other=0.0), axis=0)
-        s2 = tl.sum(tl.load(stats_ptr + offs + 2 * KP, mask=pmask, other=0.0), axis=0)
+        s0 = tl.sum(tl.load(sums, mask=pmask, other=0.0), axis=0)
+        s1 = tl.sum(tl.load(sums + KP, mask=pmask, other=0.0), axis=0)
+        s2 = tl.sum(tl.load(sums + 2 * KP, mask=pmask, other=0.0), axis=0)
         shift = tl.load(params_ptr + (it - 2) * 3 * KP + ks, mask=kmask, other=0.0)
         nk = s0 + eps10
         e = s1 / nk - shift * (eps10 / nk)
@@ -103,10 +109,10 @@ def _gmm_em_kernel(
         w = tl.where(kmask, nk, 0.0)
         w = w / tl.sum(w, axis=0)
         if pid == 0:
-            out = params_ptr + (it - 1) * 3 * KP + ks
-            tl.store(out, mean, mask=kmask)
-            tl.store(out + KP, var, mask=kmask)
-            tl.store(out + 2 * KP, w, mask=kmask)
+            theta_out = params_ptr + (it - 1) * 3 * KP + ks
+            tl.store(theta_out, mean, mask=kmask)
+            tl.store(theta_out + KP, var, mask=kmask)
+            tl.store(theta_out + 2 * KP, w, mask=kmask)
     else:
         theta = params_ptr + (it - 1) * 3 * KP + ks
         mean = tl.load(theta, mask=kmask, other=0.0)
@@ -167,6 +173,14 @@ class EMPlan:
         opts = dict(dtype=torch.float64, device=x.device)
         self.stats = torch.zeros(max_iter + 1, self.programs, 4, self.kp, **opts)
         self.params = torch.zeros(max_iter + 1, 3, self.kp, **opts)
+        self.consts = torch.tensor([0.0, EPS10, LOG_2PI], **opts)
+        self.reg_covar = 0.0
+
+    def _consts(self, reg_covar):
+        """The kernel's float64 constants, with reg_covar set (on the device, only when it changes)."""
+        if float(reg_covar) != self.reg_covar:
+            self.consts[0] = self.reg_covar = float(reg_covar)
+        return self.consts
 
     def launch(self, it, reg_covar, from_stats, resp=None):
         """Iteration `it` (1-based): E-step at theta_{it-1} (computed in-kernel from iteration
@@ -174,7 +188,7 @@ class EMPlan:
         _gmm_em_kernel[(self.programs,)](
             self.x, self.n, self.tiles_per_program, self.stats, self.params,
             self.x if resp is None else resp,
-            it, self.programs, float(reg_covar), EPS10, LOG_2PI,
+            self._consts(reg_covar), it, self.programs,
             K=self.k, KP=self.kp, PP=max(2, triton.next_power_of_2(self.programs)), BLOCK=BLOCK,
             FROM_STATS=from_stats, STORE_RESP=resp is not None, num_warps=4,
         )
