@@ -1,0 +1,87 @@
+"""Compile every Triton kernel variant the launchers can pick for a Hopper GPU (sm_90), no GPU needed.
+
+    TRITON_INTERPRET=0 python tests/compile_kernels.py
+
+Triton's interpreter, which runs the kernels in CI, skips checks that real compilation makes (for
+instance a loop-carried variable changing shape, or tl.dot's minimum block sizes), so a kernel can
+pass every interpreter test and still fail to build on the first GPU. This builds each variant
+ahead of time through triton.compile with an explicit target, down to the cubin (Triton ships its
+own ptxas). Run by tests/test_kernels_compile.py in a subprocess, since the tests' conftest turns
+the interpreter on before triton is imported. Prints one line per variant; exits 1 on a failure.
+"""
+import itertools
+import os
+import sys
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from kernels import gmm, routed_lora as rl  # noqa: E402  (the source tree, installed or not)
+from kernels.utils import acc_dtype  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+POINTER = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.float64: "*fp64"}
+
+
+FLOATS = ("scaling",)  # Python floats: Triton passes them as fp32
+
+
+def build(fn, pointers, constexprs):
+    """triton.compile fn with the named pointer types, fp32 for float scalars, i32 for int ones."""
+    sig = {name: "constexpr" if name in constexprs else pointers.get(name, "fp32" if name in FLOATS else "i32")
+           for name in fn.arg_names}
+    consts = {(fn.arg_names.index(k),): v for k, v in constexprs.items()}
+    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=TARGET)
+
+
+def routed_lora_variants():
+    """(name, fn, pointers, constexprs) for each kernel, the launchers' own dtype choices."""
+    pairs = [(d, d) for d in POINTER] + [(torch.bfloat16, torch.float32), (torch.float16, torch.float32)]
+    for (xd, wd), r in itertools.product(pairs, (4, 64)):
+        acc = acc_dtype(xd)
+        dot = rl._dot_dtype(xd, wd)
+        common = dict(BLOCK_M=rl.BLOCK_M, BLOCK_R=rl._block_r(r), DOT=dot, ACC=rl._TL_DTYPES[acc],
+                      PRECISION=rl._precision(dot))
+        tag = f"x {xd} w {wd} r {r}"
+        yield (f"shrink {tag}", rl._shrink_kernel,
+               dict(x_ptr=POINTER[xd], w_ptr=POINTER[wd], u_ptr=POINTER[acc], mask_ptr="*fp32"),
+               dict(common, BLOCK_K=rl.BLOCK_K))
+        yield (f"expand {tag}", rl._expand_kernel,
+               dict(y_ptr=POINTER[xd], u_ptr=POINTER[acc], w_ptr=POINTER[wd], mask_ptr="*fp32"),
+               dict(common, BLOCK_N=rl.BLOCK_N))
+        grad_dot = rl._TL_DTYPES[acc]
+        yield (f"grad {tag}", rl._grad_kernel,
+               dict(p_ptr=POINTER[acc], q_ptr=POINTER[xd], part_ptr=POINTER[acc], mask_ptr="*fp32"),
+               dict(common, BLOCK_K=rl.BLOCK_K, DOT=grad_dot, PRECISION=rl._precision(grad_dot)))
+
+
+def gmm_variants():
+    for xd, k, from_stats, store_resp in itertools.product((torch.float32, torch.float64), (2, 3),
+                                                           (False, True), (False, True)):
+        kp = max(2, triton.next_power_of_2(k))
+        yield (f"gmm em x {xd} K {k} from_stats {from_stats} store_resp {store_resp}", gmm._gmm_em_kernel,
+               dict(x_ptr=POINTER[xd], stats_ptr="*fp64", params_ptr="*fp64", resp_ptr="*fp64", consts_ptr="*fp64"),
+               dict(K=k, KP=kp, PP=triton.next_power_of_2(gmm.MAX_PROGRAMS), BLOCK=gmm.BLOCK,
+                    FROM_STATS=from_stats, STORE_RESP=store_resp))
+
+
+def main():
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        sys.exit("run with TRITON_INTERPRET=0: the interpreter does not compile")
+    failures = 0
+    for name, fn, pointers, constexprs in itertools.chain(routed_lora_variants(), gmm_variants()):
+        try:
+            kernel = build(fn, pointers, constexprs)
+            print(f"ok   {name}: shared {kernel.metadata.shared} B", flush=True)
+        except Exception as e:  # report every variant, then fail
+            failures += 1
+            print(f"FAIL {name}: {type(e).__name__}: {e}", flush=True)
+    print(f"{failures} failures")
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()
