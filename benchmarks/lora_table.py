@@ -5,7 +5,7 @@
 
 Prints a table of times and ratios per width (BERT-base 768, MiniLM 384), routed fraction and pass
 (forward, forward+backward), checks every candidate against the dense reference before timing it
-(a fast wrong answer cannot win), and writes benchmarks/results/lora_<device>.json and .md with the
+(a fast wrong answer cannot win), and writes benchmarks/results/lora_<cpu|gpu name>.json and .md with the
 machine, versions and date. On a GPU it also prints achieved TFLOP/s and GB/s against the floor
 max(FLOPs / peak FLOP/s, bytes / peak bandwidth). bench_lora.py reuses the set-up below.
 """
@@ -239,7 +239,9 @@ def main(argv=None):
               "shape": dict(zip(("batch", "seq"), shape_for(device))), "rank": RANK,
               "repeats": repeats, "rows": rows, "targets": targets(rows, device.type)}
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"lora_{device.type}")
+    # named like the other tables: lora_cpu, lora_gpu_nvidia_h200
+    name = "gpu_" + torch.cuda.get_device_name(device).replace(" ", "_").lower() if device.type == "cuda" else "cpu"
+    stem = os.path.join(args.out, f"lora_{name}")
     if args.threads:
         stem += f"_{args.threads}t"
     with open(stem + ".json", "w") as f:

@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 import warnings
 
@@ -47,6 +48,7 @@ def timed(fn, sync, settle=0.3):
 
 
 def run(sizes, repeats, sklearn_max_n):
+    """Yields one row per (settings, N) as it is measured."""
     from sklearn.mixture import GaussianMixture
     from threadpoolctl import threadpool_limits
 
@@ -54,7 +56,6 @@ def run(sizes, repeats, sklearn_max_n):
 
     cuda = torch.cuda.is_available()
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    rows = []
     for name, opts in SETTINGS.items():
         for n in sizes:
             x = loss_like(n)
@@ -93,9 +94,8 @@ def run(sizes, repeats, sklearn_max_n):
                            speedup=statistics.median(t_ref) / ms,
                            speedup_vs_1thread=statistics.median(t_ref1) / ms,
                            max_abs_diff_p=float(np.abs(p - p_ref).max()))
-            rows.append(row)
             print(_fmt(row), flush=True)
-    return rows
+            yield row
 
 
 def _fmt(row):
@@ -135,6 +135,25 @@ def machine():
     return info
 
 
+def write_table(base, info, repeats, rows, command):
+    with open(base + ".json", "w") as f:
+        json.dump(dict(machine=info, repeats=repeats, rows=rows), f, indent=2)
+    with open(base + ".md", "w") as f:
+        f.write("# Clean-probability fit: clear_fast vs scikit-learn\n\n")
+        f.write(f"`{command}`, median of "
+                f"{repeats} runs (sklearn interleaved), loss-like data.\n\n")
+        f.write("Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()) + "\n\n")
+        f.write("| settings | N | clear_fast ms | sklearn ms | speedup | sklearn 1-thread ms | "
+                "speedup vs 1-thread | max abs diff p |\n"
+                "|---|---:|---:|---:|---:|---:|---:|---:|\n")
+        for r in rows:
+            f.write(f"| {r['settings']} | {r['n']} | {r['clear_fast_ms']:.2f} | "
+                    + (f"{r['sklearn_ms']:.2f} | {r['speedup']:.1f}x | "
+                       f"{r['sklearn_1thread_ms']:.2f} | {r['speedup_vs_1thread']:.1f}x | "
+                       f"{r['max_abs_diff_p']:.1e}"
+                       if "sklearn_ms" in r else "- | - | - | - | -") + " |\n")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 67349, 100000,
@@ -147,26 +166,14 @@ def main():
     print(json.dumps(info))
     print(f"{'settings':<10} {'N':>8} {'ours ms':>10} {'sklearn ms':>10} {'speedup':>9} "
           f"{'skl 1t ms':>10} {'speedup':>9}  max|dp|")
-    rows = run(args.sizes, args.repeats, args.sklearn_max_n)
     device = "gpu_" + info["gpu"].replace(" ", "_").lower() if "gpu" in info else "cpu"
     os.makedirs(args.out_dir, exist_ok=True)
     base = os.path.join(args.out_dir, f"mixture_{device}")
-    with open(base + ".json", "w") as f:
-        json.dump(dict(machine=info, repeats=args.repeats, rows=rows), f, indent=2)
-    with open(base + ".md", "w") as f:
-        f.write("# Clean-probability fit: clear_fast vs scikit-learn\n\n")
-        f.write(f"`python benchmarks/mixture_table.py --repeats {args.repeats}`, median of "
-                f"{args.repeats} runs (sklearn interleaved), loss-like data.\n\n")
-        f.write("Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()) + "\n\n")
-        f.write("| settings | N | clear_fast ms | sklearn ms | speedup | sklearn 1-thread ms | "
-                "speedup vs 1-thread | max abs diff p |\n"
-                "|---|---:|---:|---:|---:|---:|---:|---:|\n")
-        for r in rows:
-            f.write(f"| {r['settings']} | {r['n']} | {r['clear_fast_ms']:.2f} | "
-                    + (f"{r['sklearn_ms']:.2f} | {r['speedup']:.1f}x | "
-                       f"{r['sklearn_1thread_ms']:.2f} | {r['speedup_vs_1thread']:.1f}x | "
-                       f"{r['max_abs_diff_p']:.1e}"
-                       if "sklearn_ms" in r else "- | - | - | - | -") + " |\n")
+    command = " ".join(["python benchmarks/mixture_table.py", *sys.argv[1:]])
+    rows = []
+    for row in run(args.sizes, args.repeats, args.sklearn_max_n):
+        rows.append(row)
+        write_table(base, info, args.repeats, rows, command)  # every row: a run cut short keeps its rows
     print("wrote", base + ".json", "and", base + ".md")
 
 
