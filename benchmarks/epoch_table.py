@@ -19,7 +19,7 @@ Sections:
           parameters + optimizer state + gradients + the activations autograd saves for backward
           (unique storages seen by saved_tensors_hooks). It leaves out transient temporaries freed
           within an op and allocator overhead, which are alike across the variants.
-  epoch   one post-warm-up epoch (on a GPU after an untimed one: Triton compiles on first use)
+  epoch   one post-warm-up epoch (on a GPU after an untimed small one: Triton compiles on first use)
           on a synthetic split of random token ids (lengths uniform in [--min-length-frac x L, L]) by part: training steps, clean-probability pass, mixture
           fit, evaluation. Driven through clear_fast.trainer.Run's own methods (train_epoch,
           evaluate, clean_probability_pass, predict) on models built here; the reference runs
@@ -421,10 +421,14 @@ def run_all(args, device, save=lambda result: None):
             n = args.epoch_samples
             train, test = synthetic_split(n, seq, 10, args.min_length_frac), \
                 synthetic_split(n // 2, seq, 11, args.min_length_frac)
+            # On a GPU, first an untimed epoch on a small split of the same length: Triton compiles
+            # each kernel specialisation on first use, cuBLAS picks its algorithms.
+            warm = (synthetic_split(160, seq, 12, args.min_length_frac),
+                    synthetic_split(64, seq, 13, args.min_length_frac)) if device.type == "cuda" else None
             parts = {}
             for label, kind, noise, source in epoch_cases(NOISE_RATES):
-                if device.type == "cuda":  # compile Triton kernels, pick cuBLAS algorithms: untimed
-                    epoch_parts(kind, base, device, train, test, noise, source, args.bf16)
+                if warm:
+                    epoch_parts(kind, base, device, *warm, noise, source, args.bf16)
                 parts[label] = epoch_parts(kind, base, device, train, test, noise, source, args.bf16)
                 print(f"  epoch {name} L{seq} {label:<30} " + "  ".join(
                     f"{k} {v:.2f}" for k, v in parts[label].items() if v is not None), flush=True)
