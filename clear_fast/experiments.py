@@ -662,15 +662,20 @@ def plot_accuracy_by_noise(table, path):
         rows = [e for e in table if e["dataset"] == ds]
         noises = list(dict.fromkeys(e["noise"] for e in rows))
         methods = sorted(dict.fromkeys(e["method"] for e in rows), key=_method_key)
+        width = 0.8 / max(len(methods), 1)  # grouped bars: the noise settings are categories
         for i, metric in enumerate(("dev_selected", "last")):
             ax = axes[i][j]
+            lows = []
             for k, m in enumerate(methods):
                 cells = {e["noise"]: e for e in rows if e["method"] == m}
-                xs = [x + 0.08 * (k - (len(methods) - 1) / 2) for x, n in enumerate(noises) if n in cells]
+                xs = [x + width * (k - (len(methods) - 1) / 2) for x, n in enumerate(noises) if n in cells]
                 ys = [100 * cells[n][f"{metric}_mean"] for n in noises if n in cells]
                 es = [0 if math.isnan(cells[n][f"{metric}_std"]) else 100 * cells[n][f"{metric}_std"]
                       for n in noises if n in cells]
-                ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=m)
+                ax.bar(xs, ys, width, yerr=es, capsize=2, label=m)
+                lows += [y - e for y, e in zip(ys, es)]
+            if lows:  # start near the lowest bar: the differences, not the common height, matter
+                ax.set_ylim(bottom=max(0.0, min(lows) - 5))
             ax.set_xticks(range(len(noises)), noises, rotation=20)
             ax.set_xlim(-0.5, len(noises) - 0.5)
             ax.set_ylabel(f"{metric.replace('_', '-')} test accuracy (%)")
