@@ -4,9 +4,10 @@
 
 Triton's interpreter, which runs the kernels in CI, skips checks that real compilation makes (for
 instance a loop-carried variable changing shape, or tl.dot's minimum block sizes), so a kernel can
-pass every interpreter test and still fail to build on the first GPU. This builds each variant
+pass every interpreter test and still fail to build on the first GPU (it happened: see
+kernels/gmm.py). This builds each variant
 ahead of time through triton.compile with an explicit target, down to the cubin (Triton ships its
-own ptxas). Run by tests/test_kernels_compile.py in a subprocess, since the tests' conftest turns
+own ptxas), and checks that half-precision dots use tensor cores (mma). Run by tests/test_kernels_compile.py in a subprocess, since the tests' conftest turns
 the interpreter on before triton is imported. Prints one line per variant; exits 1 on a failure.
 """
 import itertools
@@ -15,6 +16,7 @@ import sys
 
 import torch
 import triton
+import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -75,6 +77,8 @@ def main():
     for name, fn, pointers, constexprs in itertools.chain(routed_lora_variants(), gmm_variants()):
         try:
             kernel = build(fn, pointers, constexprs)
+            if constexprs.get("DOT") in (tl.float16, tl.bfloat16) and "mma" not in kernel.asm["ptx"]:
+                raise AssertionError("a half-precision dot that does not use tensor cores (no mma in the PTX)")
             print(f"ok   {name}: shared {kernel.metadata.shared} B", flush=True)
         except Exception as e:  # report every variant, then fail
             failures += 1
