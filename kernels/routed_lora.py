@@ -47,6 +47,9 @@ BLOCK_M = 64  # rows per tile: the routing granularity
 BLOCK_K = 64  # reduction chunk of shrink, column chunk of grad
 BLOCK_N = 64  # output columns per expand program
 GRAD_PROGRAMS = 256  # the adapter-gradient reduction aims at this many programs (fills a GPU)
+# `scaling` reaches the compiled kernels as fp32 (Triton passes Python floats so; the interpreter keeps
+# float64): in float64 layers it is rounded to fp32 (relative 6e-8), exact for powers of two such as
+# the usual alpha / r. kernels/gmm.py, which needs float64 constants, passes them by pointer.
 
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
