@@ -5,10 +5,10 @@
 Triton's interpreter, which runs the kernels in CI, skips checks that real compilation makes (for
 instance a loop-carried variable changing shape, or tl.dot's minimum block sizes), so a kernel can
 pass every interpreter test and still fail to build on the first GPU (it happened: see
-kernels/gmm.py). This builds each variant
-ahead of time through triton.compile with an explicit target, down to the cubin (Triton ships its
-own ptxas), and checks that half-precision dots use tensor cores (mma). Run by tests/test_kernels_compile.py in a subprocess, since the tests' conftest turns
-the interpreter on before triton is imported. Prints one line per variant; exits 1 on a failure.
+kernels/gmm.py). This builds each variant ahead of time through triton.compile with an explicit
+target, down to the cubin (Triton ships its own ptxas), and checks that half-precision dots use
+tensor cores (mma). Run by tests/test_kernels_compile.py in a subprocess, since the tests' conftest
+turns the interpreter on before triton is imported. Prints one line per variant; exits 1 on a failure.
 """
 import itertools
 import os
@@ -26,8 +26,6 @@ from kernels.utils import acc_dtype  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 POINTER = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.float64: "*fp64"}
-
-
 FLOATS = ("scaling",)  # Python floats: Triton passes them as fp32
 
 
