@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from mixture_table import machine  # noqa: E402
+from mixture_table import device_tag, machine  # noqa: E402
 from reference import _encoder_layers, released_lora_reference, sklearn_clean_probability  # noqa: E402
 
 from clear_fast.config import TrainConfig  # noqa: E402
@@ -597,7 +597,7 @@ def main(argv=None):
     info.update(transformers=transformers.__version__, peft=peft.__version__, clock=args.clock,
                 torch_threads=torch.get_num_threads(), commit=_commit())
     print(json.dumps(info), flush=True)
-    stem = "gpu_" + info["gpu"].replace(" ", "_").lower() if device.type == "cuda" else "cpu"
+    stem = device_tag(device)
     os.makedirs(args.out, exist_ok=True)
     base = os.path.join(args.out, f"epoch_{stem}")
     command = "python benchmarks/epoch_table.py " + " ".join(sys.argv[1:] if argv is None else argv)

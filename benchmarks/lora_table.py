@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from clear_fast.kernels.routed_lora import (routed_lora_reference_dense,
                                             routed_lora_reference_dual_path)
 from clear_fast.lora import routed_lora_linear
+from mixture_table import device_tag  # benchmarks/ is on sys.path (script or pytest)
 
 FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
 WIDTHS = {"bert-base": 768, "minilm": 384}
@@ -239,9 +240,7 @@ def main(argv=None):
               "shape": dict(zip(("batch", "seq"), shape_for(device))), "rank": RANK,
               "repeats": repeats, "rows": rows, "targets": targets(rows, device.type)}
     os.makedirs(args.out, exist_ok=True)
-    # named like the other tables: lora_cpu, lora_gpu_nvidia_h200
-    name = "gpu_" + torch.cuda.get_device_name(device).replace(" ", "_").lower() if device.type == "cuda" else "cpu"
-    stem = os.path.join(args.out, f"lora_{name}")
+    stem = os.path.join(args.out, f"lora_{device_tag(device)}")
     if args.threads:
         stem += f"_{args.threads}t"
     with open(stem + ".json", "w") as f:

@@ -135,6 +135,14 @@ def machine():
     return info
 
 
+def device_tag(device):
+    """The results files' name for a machine: cpu, or gpu_<name> (gpu_nvidia_h200)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "cpu"
+    return "gpu_" + torch.cuda.get_device_name(device).replace(" ", "_").lower()
+
+
 def write_table(base, info, repeats, rows, command):
     with open(base + ".json", "w") as f:
         json.dump(dict(machine=info, repeats=repeats, rows=rows), f, indent=2)
@@ -166,9 +174,8 @@ def main():
     print(json.dumps(info))
     print(f"{'settings':<10} {'N':>8} {'ours ms':>10} {'sklearn ms':>10} {'speedup':>9} "
           f"{'skl 1t ms':>10} {'speedup':>9}  max|dp|")
-    device = "gpu_" + info["gpu"].replace(" ", "_").lower() if "gpu" in info else "cpu"
     os.makedirs(args.out_dir, exist_ok=True)
-    base = os.path.join(args.out_dir, f"mixture_{device}")
+    base = os.path.join(args.out_dir, f"mixture_{device_tag('cuda' if torch.cuda.is_available() else 'cpu')}")
     command = " ".join(["python benchmarks/mixture_table.py", *sys.argv[1:]])
     rows = []
     for row in run(args.sizes, args.repeats, args.sklearn_max_n):
