@@ -20,8 +20,8 @@ Sections:
           (unique storages seen by saved_tensors_hooks). It leaves out transient temporaries freed
           within an op and allocator overhead, which are alike across the variants.
   epoch   one post-warm-up epoch (on a GPU after an untimed small one: Triton compiles on first use)
-          on a synthetic split of random token ids (lengths uniform in [--min-length-frac x L, L]) by part: training steps, clean-probability pass, mixture
-          fit, evaluation. Driven through clear_fast.trainer.Run's own methods (train_epoch,
+          on a synthetic split of random token ids (lengths uniform in [--min-length-frac x L, L]) by
+          part: training steps, clean-probability pass, mixture fit, evaluation. Driven through clear_fast.trainer.Run's own methods (train_epoch,
           evaluate, clean_probability_pass, predict) on models built here; the reference runs
           Run.train_epoch and Run.predict (E = 2 passes, so it gets this project's batching:
           inference mode, length-sorted, eval batch 128) with sklearn's mixture.

@@ -8,7 +8,8 @@ pass every interpreter test and still fail to build on the first GPU (it happene
 kernels/gmm.py). This builds each variant ahead of time through triton.compile with an explicit
 target, down to the cubin (Triton ships its own ptxas), and checks that half-precision dots use
 tensor cores (mma). Run by tests/test_kernels_compile.py in a subprocess, since the tests' conftest
-turns the interpreter on before triton is imported. Prints one line per variant; exits 1 on a failure.
+turns the interpreter on before triton is imported. Prints one line per variant and
+'built K of N variants'; exits 1 on a failure.
 """
 import itertools
 import os
@@ -71,17 +72,18 @@ def gmm_variants():
 def main():
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("run with TRITON_INTERPRET=0: the interpreter does not compile")
-    failures = 0
+    failures = built = 0
     for name, fn, pointers, constexprs in itertools.chain(routed_lora_variants(), gmm_variants()):
         try:
             kernel = build(fn, pointers, constexprs)
             if constexprs.get("DOT") in (tl.float16, tl.bfloat16) and "mma" not in kernel.asm["ptx"]:
                 raise AssertionError("a half-precision dot that does not use tensor cores (no mma in the PTX)")
+            built += 1
             print(f"ok   {name}: shared {kernel.metadata.shared} B", flush=True)
         except Exception as e:  # report every variant, then fail
             failures += 1
             print(f"FAIL {name}: {type(e).__name__}: {e}", flush=True)
-    print(f"{failures} failures")
+    print(f"built {built} of {built + failures} variants")
     sys.exit(1 if failures else 0)
 
 
