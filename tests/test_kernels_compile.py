@@ -27,4 +27,4 @@ def test_every_kernel_variant_compiles_for_sm90():
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
     built = re.search(r"built (\d+) of (\d+) variants", out)
-    assert built and built[1] == built[2] and int(built[2]) >= 40, out[-3000:]  # all 52 variants built
+    assert built and built[1] == built[2] and int(built[2]) >= 40, out[-3000:]  # every variant built (52 today)
