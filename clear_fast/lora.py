@@ -3,19 +3,21 @@
     y = x W^T + b + s * m * dropout(x) A^T B^T,   s = lora_alpha / r,   m in {0, 1} per sample/row
 
 Rows with m == 0 get exactly F.linear(x, W, b), bit for bit, and add nothing to the adapter
-gradients. Three primitives do the LoRA work (the math and the GPU kernels are described in
-clear_fast/kernels/routed_lora.py): shrink (U = m * X A^T), expand (Y += s U B^T in place, routed
-rows only) and grad (P^T Q over routed rows). Each has two implementations:
+gradients. Two fused halves do the LoRA work (the math and the GPU kernels are described in
+clear_fast/kernels/routed_lora.py): forward (U = m X A^T, then Y += s U B^T in place, routed rows
+only) and backward (G = m dY B, dX += s G A in place, dA = s G^T X, dB = s dY^T U). Each has two
+implementations:
 
-- CUDA tensors: the Triton kernels, which skip all-bypassed row tiles without a host sync;
+- CUDA tensors: one Triton kernel each, which skips all-bypassed row tiles without a host sync;
 - CPU tensors: plain PyTorch that gathers the routed samples (index_select), works on them alone
   and adds the result back (index_add_), leaving the bypassed rows untouched.
 
-Each primitive is a torch custom op (torch.library.custom_op with a fake implementation) so that
+Each half is a torch custom op (torch.library.custom_op with a fake implementation) so that
 torch.compile can trace a model that uses the layer; one torch.autograd.Function composes them with
 the base product (cuBLAS / MKL) into the forward and backward.
 """
 import math
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -108,60 +110,58 @@ def _grad_torch(p, q, mask, rows_per_mask, scaling, transpose):
     return (q.T @ p if transpose else p.T @ q).mul_(scaling)
 
 
-# ------------------------------------------------------------ each primitive: Triton or torch
-def _shrink_impl(x, w, mask, rows_per_mask, backend):
-    if _use_triton(x, backend):
-        return _kernels().lora_shrink(x, w, mask, rows_per_mask)
-    return _shrink_torch(x, w, mask, rows_per_mask)
+def _forward_torch_(y, x, a, b, mask, rows_per_mask, scaling):
+    u = _shrink_torch(x, a, mask, rows_per_mask)
+    _expand_torch_(y, u, b, mask, rows_per_mask, scaling)
+    return u
 
 
-def _expand_impl_(y, u, w, mask, rows_per_mask, scaling, backend):
+def _backward_torch(dy, x, u, a, b, mask, rows_per_mask, scaling, dx):
+    g = _shrink_torch(dy, b.T, mask, rows_per_mask)  # m * dY B, [M, r]
+    if dx is not None:
+        _expand_torch_(dx, g, a.T, mask, rows_per_mask, scaling)  # dx += s m (dY B) A, in place
+    return (_grad_torch(g, x, mask, rows_per_mask, scaling, False),  # s G^T x
+            _grad_torch(u, dy, mask, rows_per_mask, scaling, True))  # s dY^T U
+
+
+# ------------------------------------------------------------ each half: Triton or torch
+def _forward_impl_(y, x, a, b, mask, rows_per_mask, scaling, backend):
     if _use_triton(y, backend):
-        _kernels().lora_expand_(y, u, w, mask, rows_per_mask, scaling)
-    else:
-        _expand_torch_(y, u, w, mask, rows_per_mask, scaling)
+        return _kernels().lora_forward_(y, x, a, b, mask, rows_per_mask, scaling)
+    return _forward_torch_(y, x, a, b, mask, rows_per_mask, scaling)
 
 
-def _grad_impl(p, q, mask, rows_per_mask, scaling, transpose, backend):
-    if _use_triton(q, backend):
-        return _kernels().lora_grad(p, q, mask, rows_per_mask, scaling, transpose)
-    return _grad_torch(p, q, mask, rows_per_mask, scaling, transpose)
+def _backward_impl(dy, x, u, a, b, mask, rows_per_mask, scaling, dx, backend):
+    if _use_triton(dy, backend):
+        return _kernels().lora_backward(dy, x, u, a, b, mask, rows_per_mask, scaling, dx)
+    return _backward_torch(dy, x, u, a, b, mask, rows_per_mask, scaling, dx)
 
 
 # ------------------------------------------------------------ the same as torch custom ops
 # torch.compile traces these (it cannot look inside them); eager calls skip the custom-op
 # dispatcher, which costs 20-150 us a call (measured).
-@torch.library.custom_op("clear_fast::lora_shrink", mutates_args=())
-def _shrink_op(x: Tensor, w: Tensor, mask: Tensor, rows_per_mask: int, backend: str) -> Tensor:
-    return _shrink_impl(x, w, mask, rows_per_mask, backend)
+@torch.library.custom_op("clear_fast::lora_forward_", mutates_args=("y",))
+def _forward_op(y: Tensor, x: Tensor, a: Tensor, b: Tensor, mask: Tensor, rows_per_mask: int,
+                scaling: float, backend: str) -> Tensor:
+    return _forward_impl_(y, x, a, b, mask, rows_per_mask, scaling, backend)
 
 
-@_shrink_op.register_fake
-def _(x, w, mask, rows_per_mask, backend):
-    return x.new_empty((x.shape[0], w.shape[0]), dtype=_acc_dtype(x.dtype))
+@_forward_op.register_fake
+def _(y, x, a, b, mask, rows_per_mask, scaling, backend):
+    return x.new_empty((x.shape[0], a.shape[0]), dtype=_acc_dtype(x.dtype))
 
 
-@torch.library.custom_op("clear_fast::lora_expand_", mutates_args=("y",))
-def _expand_op(y: Tensor, u: Tensor, w: Tensor, mask: Tensor, rows_per_mask: int,
-               scaling: float, backend: str) -> None:
-    _expand_impl_(y, u, w, mask, rows_per_mask, scaling, backend)
+@torch.library.custom_op("clear_fast::lora_backward", mutates_args=("dx",))
+def _backward_op(dy: Tensor, x: Tensor, u: Tensor, a: Tensor, b: Tensor, mask: Tensor,
+                 rows_per_mask: int, scaling: float, dx: Optional[Tensor],
+                 backend: str) -> tuple[Tensor, Tensor]:
+    return _backward_impl(dy, x, u, a, b, mask, rows_per_mask, scaling, dx, backend)
 
 
-@_expand_op.register_fake
-def _(y, u, w, mask, rows_per_mask, scaling, backend):
-    return None
-
-
-@torch.library.custom_op("clear_fast::lora_grad", mutates_args=())
-def _grad_op(p: Tensor, q: Tensor, mask: Tensor, rows_per_mask: int, scaling: float,
-             transpose: bool, backend: str) -> Tensor:
-    return _grad_impl(p, q, mask, rows_per_mask, scaling, transpose, backend)
-
-
-@_grad_op.register_fake
-def _(p, q, mask, rows_per_mask, scaling, transpose, backend):
-    shape = (q.shape[1], p.shape[1]) if transpose else (p.shape[1], q.shape[1])
-    return q.new_empty(shape, dtype=_acc_dtype(q.dtype))
+@_backward_op.register_fake
+def _(dy, x, u, a, b, mask, rows_per_mask, scaling, dx, backend):
+    acc = _acc_dtype(dy.dtype)
+    return dy.new_empty(tuple(a.shape), dtype=acc), dy.new_empty(tuple(b.shape), dtype=acc)
 
 
 def _eager_or_op(fn, op):
@@ -170,9 +170,8 @@ def _eager_or_op(fn, op):
     return call
 
 
-_shrink = _eager_or_op(_shrink_impl, _shrink_op)
-_expand_ = _eager_or_op(_expand_impl_, _expand_op)
-_grad = _eager_or_op(_grad_impl, _grad_op)
+_lora_forward_ = _eager_or_op(_forward_impl_, _forward_op)
+_lora_backward = _eager_or_op(_backward_impl, _backward_op)
 
 
 # ------------------------------------------------------------ autograd
@@ -188,8 +187,8 @@ class RoutedLoRAFunction(torch.autograd.Function):
         if not out.is_contiguous():  # the LoRA term is added in place through a 2-D view
             out = out.contiguous()
         xl = (x if x_lora is None else x_lora).reshape(-1, x.shape[-1])
-        u = _shrink(xl, lora_A, mask, rows_per_mask, backend)
-        _expand_(out.view(-1, out.shape[-1]), u, lora_B, mask, rows_per_mask, scaling, backend)
+        u = _lora_forward_(out.view(-1, out.shape[-1]), xl, lora_A, lora_B, mask, rows_per_mask,
+                           scaling, backend)
         ctx.save_for_backward(x, x_lora, weight, lora_A, lora_B, mask, u)
         ctx.scaling, ctx.rows_per_mask, ctx.backend = scaling, rows_per_mask, backend
         ctx.has_bias = bias is not None
@@ -198,35 +197,47 @@ class RoutedLoRAFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, x_lora, weight, lora_A, lora_B, mask, u = ctx.saved_tensors
-        s, rpm, backend = ctx.scaling, ctx.rows_per_mask, ctx.backend
         need = ctx.needs_input_grad
         shape = x.shape
         dy = dy.reshape(-1, dy.shape[-1]).contiguous()
         x = x.reshape(-1, shape[-1])
         xl = x if x_lora is None else x_lora.reshape(-1, shape[-1])
-        g = _shrink(dy, lora_B.T, mask, rpm, backend)  # m * dY B, [M, r]
-        dx = dx_lora = dW = db = dA = dB = None
+        dx = dx_lora = dW = db = None
         if need[0]:
             dx = dy @ weight
-            if x_lora is None:
-                _expand_(dx, g, lora_A.T, mask, rpm, s, backend)  # dx += s m (dY B) A, in place
-            dx = dx.view(shape)
         if need[1] and x_lora is not None:
             dx_lora = torch.zeros_like(xl)
-            _expand_(dx_lora, g, lora_A.T, mask, rpm, s, backend)
+        # The adapter's input gradient goes into dx, or into dx_lora when the adapter has its own
+        # (dropout) input.
+        dA, dB = _lora_backward(dy, xl, u, lora_A, lora_B, mask, ctx.rows_per_mask, ctx.scaling,
+                                dx if x_lora is None else dx_lora, ctx.backend)
+        if dx is not None:
+            dx = dx.view(shape)
+        if dx_lora is not None:
             dx_lora = dx_lora.view(shape)
         if need[2]:
             dW = dy.T @ x  # only when the user made the frozen weight trainable
         if need[3] and ctx.has_bias:
             db = dy.sum(0)
-        if need[4]:
-            dA = _grad(g, xl, mask, rpm, s, False, backend).to(lora_A.dtype)  # s G^T x
-        if need[5]:
-            dB = _grad(u, dy, mask, rpm, s, True, backend).to(lora_B.dtype)  # s dY^T U
+        dA = dA.to(lora_A.dtype) if need[4] else None
+        dB = dB.to(lora_B.dtype) if need[5] else None
         return dx, dx_lora, dW, db, dA, dB, None, None, None, None
 
 
 # ------------------------------------------------------------ input checks
+_ALL_ROUTED = {}  # device -> a one-element mask of 1.0, made once (on a GPU a fill kernel per call)
+
+
+def _all_routed(device):
+    if torch.compiler.is_compiling():
+        return torch.ones(1, device=device, dtype=torch.float32)
+    mask = _ALL_ROUTED.get(device)
+    if mask is None:
+        with torch.inference_mode(False):  # a later training call saves it for the backward
+            mask = _ALL_ROUTED[device] = torch.ones(1, device=device, dtype=torch.float32)
+    return mask
+
+
 def _check(x, weight, bias, lora_A, lora_B, mask, x_lora, backend):
     """Validate the inputs; returns (mask as a float [G] tensor, rows per mask entry)."""
     if not isinstance(x, Tensor):
@@ -270,7 +281,7 @@ def _check(x, weight, bias, lora_A, lora_B, mask, x_lora, backend):
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     rows = math.prod(x.shape[:-1])
     if mask is None:
-        return torch.ones(1, device=x.device, dtype=torch.float32), max(rows, 1)
+        return _all_routed(x.device), max(rows, 1)
     if not isinstance(mask, Tensor):
         raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
     if mask.dtype != torch.bool and not mask.is_floating_point():
@@ -278,7 +289,7 @@ def _check(x, weight, bias, lora_A, lora_B, mask, x_lora, backend):
     if mask.dim() != 1 or mask.numel() not in (x.shape[0], rows):
         raise ValueError(f"mask has shape {tuple(mask.shape)}; expected [{x.shape[0]}] (one value "
                          f"per sample) or [{rows}] (one per row) for x of shape {tuple(x.shape)}")
-    m = mask.to(torch.float32)
+    m = mask.to(torch.float32).contiguous()  # the kernels index it as a flat array
     # Checking the values costs a host sync: done in eager CPU calls only, never on the GPU path
     # nor while torch.compile traces (it would break the graph).
     if not m.is_cuda and not torch.compiler.is_compiling() and bool(((m != 0) & (m != 1)).any()):
@@ -295,7 +306,8 @@ def routed_lora_linear(x, weight, bias, lora_A, lora_B, scaling, mask=None, *, x
     backend: "auto" (Triton on CUDA, gather path on CPU), "torch" or "triton" (on CPU tensors only
     under TRITON_INTERPRET=1, for tests).
     """
-    if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
+    autocast = isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type)
+    if autocast:
         # Under autocast the frozen linear runs in autocast's dtype, as F.linear would; the adapter
         # keeps its own dtype (the kernels cast explicitly). Inside, autocast is off.
         dt = torch.get_autocast_dtype(x.device.type)
@@ -305,9 +317,11 @@ def routed_lora_linear(x, weight, bias, lora_A, lora_B, scaling, mask=None, *, x
     mask_f, rows_per_mask = _check(x, weight, bias, lora_A, lora_B, mask, x_lora, backend)
     if x.numel() == 0:
         return F.linear(x, weight, bias)
+    args = (x, x_lora, weight, bias, lora_A, lora_B, float(scaling), mask_f, rows_per_mask, backend)
+    if not autocast:  # entering the context costs more than the rest of the host work of a call
+        return RoutedLoRAFunction.apply(*args)
     with torch.autocast(x.device.type, enabled=False):
-        return RoutedLoRAFunction.apply(x, x_lora, weight, bias, lora_A, lora_B, float(scaling),
-                                        mask_f, rows_per_mask, backend)
+        return RoutedLoRAFunction.apply(*args)
 
 
 # ------------------------------------------------------------ the module

@@ -4,37 +4,35 @@
 
 Design (and its limit). The base product x W^T (and dY W in the backward) stays with cuBLAS:
 it is 96-98 % of the FLOPs and cuBLAS is hard to beat on it. The LoRA term is a few percent of the
-FLOPs but, done eagerly, several extra passes over [M, out] activations, so the kernels below do
-only the LoRA part, over tiles of BLOCK_M rows, and a tile whose rows all have m == 0 returns
-before it loads A, B or activations and before it writes anything:
+FLOPs but, done eagerly, several extra launches and passes over [M, out] activations, so one kernel
+does the adapter's whole forward and one its whole backward, over tiles of BLOCK_M rows, and a tile
+whose rows all have m == 0 returns before it loads A, B or activations and before it writes
+anything:
 
-  shrink   U = m * X Wt^T        [M, r]   (forward: X = x, Wt = A;  backward: X = dY, Wt = B^T)
-  expand   Y += s * U Wo^T       in place  (forward: Y = x W^T + b;  backward: Y = dY W, Wo = A^T)
-  grad     P^T Q over rows       [r, K]   (dA = s G^T x, dB = s (U^T dY)^T), split-M partial sums
-                                          in fp32 summed by torch: deterministic, no atomics.
+  forward   U = m * x A^T  [M, r], kept for the backward;  Y += s U B^T in place  (Y = x W^T + b)
+  backward  G = m * dY B;  dX += s G A in place (dX = dY W);  partial sums of dA = s G^T x and
+            dB = s dY^T U per program, in fp32, summed by torch: deterministic, no atomics.
+
+At small M the launches, not the arithmetic, bound the layer: on the host side a routed layer costs
+the base GEMM plus one Triton launch forward, the base GEMM, one Triton launch and one sum backward
+(an eager peft LoRA layer launches about five kernels forward and eight backward). Fusing the forward
+into the base GEMM's epilogue (LoRAFusion) would save a pass over Y but give up cuBLAS; not done.
 
 The mask stays on the device: each program reads the mask values of its own rows (mask[row //
 rows_per_mask], so a per-sample mask needs no expansion) and decides by itself; nothing syncs with
-the host.
-With sequence length >= BLOCK_M a tile holds at most two samples, so at routed fraction f roughly a
-fraction f of the tiles does work. Rows with m == 0 inside a working tile are never loaded or
-stored, so bypassed rows keep the cuBLAS result bit for bit. Contract between the kernels: U and G
-rows with m == 0 may hold anything (whole bypassed tiles are never written); every consumer loads
-only rows with m != 0.
+the host. With sequence length >= BLOCK_M a tile holds at most two samples, so at routed fraction f
+roughly a fraction f of the tiles does work. Rows with m == 0 inside a working tile are never loaded
+or stored, so bypassed rows keep the cuBLAS result bit for bit. Contract between the kernels: U rows
+with m == 0 may hold anything (whole bypassed tiles are never written); the backward loads only rows
+with m != 0.
 
-Limit: the base GEMM and the LoRA kernels are separate launches (two extra in the forward, four
-in the backward, plus one partial-sum reduction per adapter gradient when the row range is split),
-so at small M the launch latency, not the arithmetic, bounds how close routed fraction 0 gets to
-F.linear. Fusing expand into the base GEMM's epilogue (LoRAFusion) would remove one pass over Y
-but gives up cuBLAS; not done here. Not yet timed on a GPU: the GPU targets are unverified.
-
-Precision: products accumulate in fp32 (fp64 for fp64 inputs). Shrink and expand cast both operands
-explicitly to one dot dtype: the activation dtype when the adapter has the same half dtype (tensor
+Precision: products accumulate in fp32 (fp64 for fp64 inputs). The products with A and B cast
+both operands explicitly to one dot dtype: the activation dtype when the adapter has the same half dtype (tensor
 cores), else fp32 with IEEE precision (fp32 adapters with half activations, as in mixed-precision
-training). The adapter-gradient reduction always multiplies in fp32: it is a few FLOPs per row.
+training). The adapter-gradient sums always multiply in fp32: they are a few FLOPs per row.
 Triton's interpreter gets bf16 dots wrong, so under TRITON_INTERPRET=1 bf16 dots run in fp32.
 Plain pointer arithmetic only (no block pointers, no autotune): the kernels compile for sm_90 with
-triton 3.6 and 3.9 (tests/test_lora_kernels.py compiles them ahead of time, without a GPU).
+triton 3.6 and 3.9 (tests/compile_kernels.py compiles them ahead of time, without a GPU).
 """
 import torch
 import torch.nn.functional as F
@@ -44,9 +42,9 @@ import triton.language as tl
 from .utils import acc_dtype, interpreting
 
 BLOCK_M = 64  # rows per tile: the routing granularity
-BLOCK_K = 64  # reduction chunk of shrink, column chunk of grad
-BLOCK_N = 64  # output columns per expand program
-GRAD_PROGRAMS = 256  # the adapter-gradient reduction aims at this many programs (fills a GPU)
+BLOCK_K = 64  # chunk of the input features (columns of x, A, dX)
+BLOCK_N = 64  # chunk of the output features (columns of Y, dY, rows of B)
+BACKWARD_PROGRAMS = 256  # at most this many backward programs (partial sums), each a run of tiles
 # `scaling` reaches the compiled kernels as fp32 (Triton passes Python floats so; the interpreter keeps
 # float64): in float64 layers it is rounded to fp32 (relative 6e-8), exact for powers of two such as
 # the usual alpha / r. kernels/gmm.py, which needs float64 constants, passes them by pointer.
@@ -86,119 +84,165 @@ def _tile_rows(mask_ptr, start, M, rows_per_mask, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _shrink_kernel(x_ptr, w_ptr, u_ptr, mask_ptr, M, K, R, rows_per_mask,
-                   s_xm, s_xk, s_wr, s_wk, s_um, s_ur,
+def _rows_times_wt(p_ptr, s_pm, s_pk, w_ptr, s_wr, s_wk, rows, routed, K, R,
                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
                    DOT: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
-    rows, m, routed = _tile_rows(mask_ptr, tl.program_id(0) * BLOCK_M, M, rows_per_mask, BLOCK_M)
-    if tl.max(routed.to(tl.int32), axis=0) > 0:  # an all-bypassed tile does nothing at all
-        rr = tl.arange(0, BLOCK_R)
-        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC)
-        for k0 in range(0, K, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + rows[:, None] * s_xm + ks[None, :] * s_xk,
-                        mask=routed[:, None] & (ks[None, :] < K), other=0.0)
-            w = tl.load(w_ptr + rr[None, :] * s_wr + ks[:, None] * s_wk,
-                        mask=(rr[None, :] < R) & (ks[:, None] < K), other=0.0)
-            acc = tl.dot(x.to(DOT), w.to(DOT), acc, input_precision=PRECISION, out_dtype=ACC)
-        acc = acc * m[:, None].to(ACC)
-        tl.store(u_ptr + rows[:, None] * s_um + rr[None, :] * s_ur, acc,
-                 mask=(rows[:, None] < M) & (rr[None, :] < R))
+    """P[rows] W^T for one tile, [BLOCK_M, BLOCK_R] in ACC: P [M, K], W [R, K]; rows that are not
+    routed are never loaded (they read as 0)."""
+    rr = tl.arange(0, BLOCK_R)
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        p = tl.load(p_ptr + rows[:, None] * s_pm + ks[None, :] * s_pk,
+                    mask=routed[:, None] & (ks[None, :] < K), other=0.0)
+        w = tl.load(w_ptr + rr[None, :] * s_wr + ks[:, None] * s_wk,
+                    mask=(rr[None, :] < R) & (ks[:, None] < K), other=0.0)
+        acc = tl.dot(p.to(DOT), w.to(DOT), acc, input_precision=PRECISION, out_dtype=ACC)
+    return acc
 
 
 @triton.jit
-def _expand_kernel(y_ptr, u_ptr, w_ptr, mask_ptr, M, N, R, rows_per_mask, scaling,
-                   s_ym, s_yn, s_um, s_ur, s_wn, s_wr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-                   DOT: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
-    rows, m, routed = _tile_rows(mask_ptr, tl.program_id(0) * BLOCK_M, M, rows_per_mask, BLOCK_M)
-    if tl.max(routed.to(tl.int32), axis=0) > 0:
-        rr = tl.arange(0, BLOCK_R)
-        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        u = tl.load(u_ptr + rows[:, None] * s_um + rr[None, :] * s_ur,
-                    mask=routed[:, None] & (rr[None, :] < R), other=0.0)
+def _add_rows_times_wt_(y_ptr, s_ym, s_yn, u, w_ptr, s_wn, s_wr, rows, routed, N, R, scaling,
+                        BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                        DOT: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+    """In place Y[rows] += scaling * u W^T, routed rows only (others neither read nor written):
+    u [BLOCK_M, BLOCK_R] in registers, W [N, R]."""
+    rr = tl.arange(0, BLOCK_R)
+    u = u.to(DOT)
+    for n0 in range(0, N, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
         w = tl.load(w_ptr + cols[None, :] * s_wn + rr[:, None] * s_wr,
                     mask=(rr[:, None] < R) & (cols[None, :] < N), other=0.0)
-        delta = tl.dot(u.to(DOT), w.to(DOT), input_precision=PRECISION, out_dtype=ACC)
-        io = routed[:, None] & (cols[None, :] < N)  # bypassed rows: neither read nor written
+        delta = tl.dot(u, w.to(DOT), input_precision=PRECISION, out_dtype=ACC)
+        io = routed[:, None] & (cols[None, :] < N)
         y_ptrs = y_ptr + rows[:, None] * s_ym + cols[None, :] * s_yn
         y = tl.load(y_ptrs, mask=io, other=0.0)
         tl.store(y_ptrs, (y.to(ACC) + scaling * delta).to(y.dtype), mask=io)
 
 
-@triton.jit
-def _grad_kernel(p_ptr, q_ptr, part_ptr, mask_ptr, M, K, R, rows_per_mask, tiles_per_split, scaling,
-                 s_pm, s_pr, s_qm, s_qk, s_ts, s_tr, s_tk,
-                 BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-                 DOT: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
-    split = tl.program_id(1)
+# Sizes that change from batch to batch are not specialised on (Triton would otherwise compile a
+# variant per divisibility class of M and of the sequence length, seconds each on first use).
+@triton.jit(do_not_specialize=["M", "rows_per_mask"])
+def _forward_kernel(x_ptr, a_ptr, b_ptr, y_ptr, u_ptr, mask_ptr, M, K, N, R, rows_per_mask, scaling,
+                    s_xm, s_xk, s_ar, s_ak, s_bn, s_br, s_ym, s_yn, s_um, s_ur,
+                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_R: tl.constexpr, DOT_A: tl.constexpr, DOT_B: tl.constexpr,
+                    ACC: tl.constexpr, PRECISION_A: tl.constexpr, PRECISION_B: tl.constexpr):
+    """One row tile: U = m x A^T (stored for the backward), then Y += s U B^T."""
+    rows, m, routed = _tile_rows(mask_ptr, tl.program_id(0) * BLOCK_M, M, rows_per_mask, BLOCK_M)
+    if tl.max(routed.to(tl.int32), axis=0) > 0:  # an all-bypassed tile does nothing at all
+        u = _rows_times_wt(x_ptr, s_xm, s_xk, a_ptr, s_ar, s_ak, rows, routed, K, R,
+                           BLOCK_M, BLOCK_K, BLOCK_R, DOT_A, ACC, PRECISION_A)
+        u = u * m[:, None].to(ACC)
+        rr = tl.arange(0, BLOCK_R)
+        tl.store(u_ptr + rows[:, None] * s_um + rr[None, :] * s_ur, u,
+                 mask=(rows[:, None] < M) & (rr[None, :] < R))
+        _add_rows_times_wt_(y_ptr, s_ym, s_yn, u, b_ptr, s_bn, s_br, rows, routed, N, R, scaling,
+                            BLOCK_N, BLOCK_R, DOT_B, ACC, PRECISION_B)
+
+
+@triton.jit(do_not_specialize=["M", "rows_per_mask", "tiles_per_program"])
+def _backward_kernel(dy_ptr, x_ptr, u_ptr, a_ptr, b_ptr, dx_ptr, part_ptr, mask_ptr,
+                     M, K, N, R, rows_per_mask, tiles_per_program, scaling,
+                     s_dym, s_dyn, s_xm, s_xk, s_um, s_ur, s_ar, s_ak, s_bn, s_br, s_dxm, s_dxk,
+                     s_part,
+                     HAS_DX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, DOT_A: tl.constexpr,
+                     DOT_B: tl.constexpr, ACC: tl.constexpr, PRECISION_A: tl.constexpr,
+                     PRECISION_B: tl.constexpr, PRECISION_ACC: tl.constexpr):
+    """A run of row tiles: G = m dY B; dX += s G A (HAS_DX); this program's partial sums of
+    dA = s G^T X ([R, K] row-major) and dB = s dY^T U ([N, R] row-major, after dA) in its own slot
+    of part, which torch sums over programs (deterministic, no atomics)."""
     rr = tl.arange(0, BLOCK_R)
-    cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=ACC)
-    for t in range(0, tiles_per_split):
-        start = (split * tiles_per_split + t) * BLOCK_M
+    part_a = part_ptr + tl.program_id(0).to(tl.int64) * s_part
+    part_b = part_a + R * K
+    # The slot starts at zero even when every tile of the run is bypassed.
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        tl.store(part_a + rr[:, None] * K + ks[None, :], tl.zeros((BLOCK_R, BLOCK_K), dtype=ACC),
+                 mask=(rr[:, None] < R) & (ks[None, :] < K))
+    for n0 in range(0, N, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        tl.store(part_b + cols[:, None] * R + rr[None, :], tl.zeros((BLOCK_N, BLOCK_R), dtype=ACC),
+                 mask=(cols[:, None] < N) & (rr[None, :] < R))
+    tl.debug_barrier()  # the zeros above are stored by other threads than those that add below
+    for t in range(0, tiles_per_program):
+        start = (tl.program_id(0) * tiles_per_program + t) * BLOCK_M
         rows, m, routed = _tile_rows(mask_ptr, start, M, rows_per_mask, BLOCK_M)
         if tl.max(routed.to(tl.int32), axis=0) > 0:
-            pt = tl.load(p_ptr + rows[None, :] * s_pm + rr[:, None] * s_pr,  # P^T tile [R, BLOCK_M]
-                         mask=routed[None, :] & (rr[:, None] < R), other=0.0)
-            q = tl.load(q_ptr + rows[:, None] * s_qm + cols[None, :] * s_qk,
-                        mask=routed[:, None] & (cols[None, :] < K), other=0.0)
-            acc = tl.dot(pt.to(DOT), q.to(DOT), acc, input_precision=PRECISION, out_dtype=ACC)
-    tl.store(part_ptr + split * s_ts + rr[:, None] * s_tr + cols[None, :] * s_tk, acc * scaling,
-             mask=(rr[:, None] < R) & (cols[None, :] < K))
+            # B^T is [R, N]: element (r, n) at r * s_br + n * s_bn.
+            g = _rows_times_wt(dy_ptr, s_dym, s_dyn, b_ptr, s_br, s_bn, rows, routed, N, R,
+                               BLOCK_M, BLOCK_N, BLOCK_R, DOT_B, ACC, PRECISION_B)
+            g = g * m[:, None].to(ACC)
+            if HAS_DX:  # A^T is [K, R]
+                _add_rows_times_wt_(dx_ptr, s_dxm, s_dxk, g, a_ptr, s_ak, s_ar, rows, routed, K, R,
+                                    scaling, BLOCK_K, BLOCK_R, DOT_A, ACC, PRECISION_A)
+            gt = tl.trans(g)
+            for k0 in range(0, K, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                x = tl.load(x_ptr + rows[:, None] * s_xm + ks[None, :] * s_xk,
+                            mask=routed[:, None] & (ks[None, :] < K), other=0.0)
+                d = tl.dot(gt, x.to(ACC), input_precision=PRECISION_ACC, out_dtype=ACC)
+                ptrs = part_a + rr[:, None] * K + ks[None, :]
+                io = (rr[:, None] < R) & (ks[None, :] < K)
+                tl.store(ptrs, tl.load(ptrs, mask=io, other=0.0) + scaling * d, mask=io)
+            u = tl.load(u_ptr + rows[:, None] * s_um + rr[None, :] * s_ur,
+                        mask=routed[:, None] & (rr[None, :] < R), other=0.0)
+            for n0 in range(0, N, BLOCK_N):
+                cols = n0 + tl.arange(0, BLOCK_N)
+                dyt = tl.load(dy_ptr + rows[None, :] * s_dym + cols[:, None] * s_dyn,  # dY^T tile
+                              mask=routed[None, :] & (cols[:, None] < N), other=0.0)
+                d = tl.dot(dyt.to(ACC), u, input_precision=PRECISION_ACC, out_dtype=ACC)
+                ptrs = part_b + cols[:, None] * R + rr[None, :]
+                io = (cols[:, None] < N) & (rr[None, :] < R)
+                tl.store(ptrs, tl.load(ptrs, mask=io, other=0.0) + scaling * d, mask=io)
 
 
-def lora_shrink(x, w, mask, rows_per_mask):
-    """U = m[row] * x w^T for routed rows. x [M, K], w [R, K], mask [G] float32 (row i uses
-    mask[i // rows_per_mask]). Returns U [M, R] in acc_dtype(x.dtype); rows with m == 0 are
-    undefined."""
+def lora_forward_(y, x, a, b, mask, rows_per_mask, scaling):
+    """In place: y[row] += scaling * m (x a^T) b^T for rows with m != 0; other rows untouched.
+    y [M, N], x [M, K], a [R, K], b [N, R], mask [G] float32 (row i uses mask[i // rows_per_mask]).
+    Returns U = m x a^T [M, R] in acc_dtype(x.dtype), for the backward; rows with m == 0 undefined."""
     M, K = x.shape
-    R = w.shape[0]
+    N, R = b.shape
     u = torch.empty((M, R), device=x.device, dtype=acc_dtype(x.dtype))
-    dot = _dot_dtype(x.dtype, w.dtype)
-    _shrink_kernel[(triton.cdiv(M, BLOCK_M),)](
-        x, w, u, mask, M, K, R, rows_per_mask,
-        x.stride(0), x.stride(1), w.stride(0), w.stride(1), u.stride(0), u.stride(1),
-        BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_R=_block_r(R),
-        DOT=dot, ACC=_TL_DTYPES[u.dtype], PRECISION=_precision(dot))
+    dot_a, dot_b = _dot_dtype(x.dtype, a.dtype), _dot_dtype(y.dtype, b.dtype)
+    _forward_kernel[(triton.cdiv(M, BLOCK_M),)](
+        x, a, b, y, u, mask, M, K, N, R, rows_per_mask, float(scaling),
+        x.stride(0), x.stride(1), a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+        y.stride(0), y.stride(1), u.stride(0), u.stride(1),
+        BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_N=BLOCK_N, BLOCK_R=_block_r(R),
+        DOT_A=dot_a, DOT_B=dot_b, ACC=_TL_DTYPES[u.dtype],
+        PRECISION_A=_precision(dot_a), PRECISION_B=_precision(dot_b))
     return u
 
 
-def lora_expand_(y, u, w, mask, rows_per_mask, scaling):
-    """In place: y[row] += scaling * u[row] w^T for rows with m != 0; other rows untouched.
-    y [M, N], u [M, R] (from lora_shrink), w [N, R]. Returns y."""
-    M, N = y.shape
-    R = u.shape[1]
-    dot = _dot_dtype(y.dtype, w.dtype)
-    _expand_kernel[(triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N))](
-        y, u, w, mask, M, N, R, rows_per_mask, float(scaling),
-        y.stride(0), y.stride(1), u.stride(0), u.stride(1), w.stride(0), w.stride(1),
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=_block_r(R),
-        DOT=dot, ACC=_TL_DTYPES[acc_dtype(y.dtype)], PRECISION=_precision(dot))
-    return y
-
-
-def lora_grad(p, q, mask, rows_per_mask, scaling=1.0, transpose=False):
-    """scaling * P^T Q summed over rows with m != 0: p [M, R], q [M, K] -> [R, K] in
-    acc_dtype(q.dtype), or its transpose [K, R] (contiguous) when `transpose`: dB needs that
-    layout, so writing it directly saves a launch."""
-    M, K = q.shape
-    R = p.shape[1]
-    k_tiles, m_tiles = triton.cdiv(K, BLOCK_K), triton.cdiv(M, BLOCK_M)
-    # Enough programs to fill a GPU, each summing a contiguous run of row tiles.
-    splits = max(1, min(m_tiles, GRAD_PROGRAMS // k_tiles))
-    tiles_per_split = triton.cdiv(m_tiles, splits)
-    splits = triton.cdiv(m_tiles, tiles_per_split)
-    acc = acc_dtype(q.dtype)
-    part = torch.empty((splits, K, R) if transpose else (splits, R, K), device=q.device, dtype=acc)
-    s_tr, s_tk = (part.stride(2), part.stride(1)) if transpose else (part.stride(1), part.stride(2))
-    dot = _TL_DTYPES[acc]  # adapter gradients: always fp32 (fp64) operands, few FLOPs
-    _grad_kernel[(k_tiles, splits)](
-        p, q, part, mask, M, K, R, rows_per_mask, tiles_per_split, float(scaling),
-        p.stride(0), p.stride(1), q.stride(0), q.stride(1), part.stride(0), s_tr, s_tk,
-        BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_R=_block_r(R),
-        DOT=dot, ACC=_TL_DTYPES[acc], PRECISION=_precision(dot))
-    return part[0] if splits == 1 else part.sum(0)
+def lora_backward(dy, x, u, a, b, mask, rows_per_mask, scaling, dx=None):
+    """The adapter's part of the backward, routed rows only. dy [M, N], x [M, K] (the LoRA input),
+    u [M, R] from lora_forward_, a [R, K], b [N, R]. With G = m dy b: in place dx[row] += scaling *
+    G a when dx [M, K] is given; returns (dA, dB) = (scaling * G^T x [R, K], scaling * dy^T u [N, R])
+    in acc_dtype(dy.dtype)."""
+    M, N = dy.shape
+    K, R = x.shape[1], u.shape[1]
+    tiles = triton.cdiv(M, BLOCK_M)
+    tiles_per_program = triton.cdiv(tiles, min(tiles, BACKWARD_PROGRAMS))
+    programs = triton.cdiv(tiles, tiles_per_program)
+    acc = acc_dtype(dy.dtype)
+    part = torch.empty((programs, R * K + N * R), device=dy.device, dtype=acc)
+    dot_a, dot_b = _dot_dtype(dy.dtype, a.dtype), _dot_dtype(dy.dtype, b.dtype)
+    has_dx = dx is not None
+    if not has_dx:
+        dx = dy  # never read nor written (HAS_DX is off); any pointer will do
+    _backward_kernel[(programs,)](
+        dy, x, u, a, b, dx, part, mask, M, K, N, R, rows_per_mask, tiles_per_program,
+        float(scaling),
+        dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), u.stride(0), u.stride(1),
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), dx.stride(0), dx.stride(1),
+        part.stride(0),
+        HAS_DX=has_dx, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_N=BLOCK_N, BLOCK_R=_block_r(R),
+        DOT_A=dot_a, DOT_B=dot_b, ACC=_TL_DTYPES[acc], PRECISION_A=_precision(dot_a),
+        PRECISION_B=_precision(dot_b), PRECISION_ACC=_precision(_TL_DTYPES[acc]))
+    total = part[0] if programs == 1 else part.sum(0)
+    return total[:R * K].view(R, K), total[R * K:].view(N, R)
 
 
 # ---------------------------------------------------------------- plain PyTorch references

@@ -44,19 +44,19 @@ def routed_lora_variants():
     for (xd, wd), r in itertools.product(pairs, (4, 64)):
         acc = acc_dtype(xd)
         dot = rl._dot_dtype(xd, wd)
-        common = dict(BLOCK_M=rl.BLOCK_M, BLOCK_R=rl._block_r(r), DOT=dot, ACC=rl._TL_DTYPES[acc],
-                      PRECISION=rl._precision(dot))
+        common = dict(BLOCK_M=rl.BLOCK_M, BLOCK_K=rl.BLOCK_K, BLOCK_N=rl.BLOCK_N, BLOCK_R=rl._block_r(r),
+                      DOT_A=dot, DOT_B=dot, ACC=rl._TL_DTYPES[acc], PRECISION_A=rl._precision(dot),
+                      PRECISION_B=rl._precision(dot))
         tag = f"x {xd} w {wd} r {r}"
-        yield (f"shrink {tag}", rl._shrink_kernel,
-               dict(x_ptr=POINTER[xd], w_ptr=POINTER[wd], u_ptr=POINTER[acc], mask_ptr="*fp32"),
-               dict(common, BLOCK_K=rl.BLOCK_K))
-        yield (f"expand {tag}", rl._expand_kernel,
-               dict(y_ptr=POINTER[xd], u_ptr=POINTER[acc], w_ptr=POINTER[wd], mask_ptr="*fp32"),
-               dict(common, BLOCK_N=rl.BLOCK_N))
-        grad_dot = rl._TL_DTYPES[acc]
-        yield (f"grad {tag}", rl._grad_kernel,
-               dict(p_ptr=POINTER[acc], q_ptr=POINTER[xd], part_ptr=POINTER[acc], mask_ptr="*fp32"),
-               dict(common, BLOCK_K=rl.BLOCK_K, DOT=grad_dot, PRECISION=rl._precision(grad_dot)))
+        yield (f"forward {tag}", rl._forward_kernel,
+               dict(x_ptr=POINTER[xd], a_ptr=POINTER[wd], b_ptr=POINTER[wd], y_ptr=POINTER[xd],
+                    u_ptr=POINTER[acc], mask_ptr="*fp32"),
+               common)
+        for has_dx in (True, False):
+            yield (f"backward {tag} dx {has_dx}", rl._backward_kernel,
+                   dict(dy_ptr=POINTER[xd], x_ptr=POINTER[xd], u_ptr=POINTER[acc], a_ptr=POINTER[wd],
+                        b_ptr=POINTER[wd], dx_ptr=POINTER[xd], part_ptr=POINTER[acc], mask_ptr="*fp32"),
+                   dict(common, HAS_DX=has_dx, PRECISION_ACC=rl._precision(rl._TL_DTYPES[acc])))
 
 
 def gmm_variants():
@@ -76,7 +76,7 @@ def main():
     for name, fn, pointers, constexprs in itertools.chain(routed_lora_variants(), gmm_variants()):
         try:
             kernel = build(fn, pointers, constexprs)
-            if constexprs.get("DOT") in (tl.float16, tl.bfloat16) and "mma" not in kernel.asm["ptx"]:
+            if constexprs.get("DOT_A") in (tl.float16, tl.bfloat16) and "mma" not in kernel.asm["ptx"]:
                 raise AssertionError("a half-precision dot that does not use tensor cores (no mma in the PTX)")
             built += 1
             print(f"ok   {name}: shared {kernel.metadata.shared} B", flush=True)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from clear_fast.kernels.routed_lora import (routed_lora_reference_dense,
                                             routed_lora_reference_dual_path)
 from clear_fast.lora import RoutedLoRALinear, routed_lora_linear
+import clear_fast.lora as lora_module
 
 # Tolerance rule (performance.md): |out - ref64| <= 2 |torch_lowprec - ref64| + atol, as max norms.
 ATOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2, torch.float64: 1e-10}
@@ -30,6 +31,10 @@ def make_mask(kind, batch, rows, gen):
         m = (torch.rand(rows, generator=gen) < 0.5).float()
         m[0] = 1.0
         return m
+    if kind == "strided":  # per sample, float, a column of a per-layer [B, L] matrix (as Router)
+        m = (torch.rand(batch, 3, generator=gen) < 0.5).float()
+        m[0, 1], m[-1, 1] = 1.0, 0.0
+        return m[:, 1]
     if kind == "all_bypassed":
         return torch.zeros(batch, dtype=torch.bool)
     if kind == "all_routed":
@@ -151,6 +156,7 @@ CASES = [  # shape, d_out, r, mask kind, bias; the Triton row tile is 64 rows
     ((4, 16, 123), 45, 8, "sample", True),  # odd in_features, 4 samples in one tile
     ((2, 37, 64), 123, 1, "sample", False),  # seq 37 does not divide the tile, rank 1
     ((3, 70, 32), 40, 4, "sample", True),  # tiles that mix routed and bypassed samples
+    ((3, 70, 32), 40, 4, "strided", True),  # a non-contiguous mask
     ((50, 33), 17, 5, "row", True),  # 2-D input, per-row mask
     ((4, 5, 32), 32, 3, "row", False),  # 3-D input, per-row mask
     ((2, 9, 40), 24, 8, "none", True),
@@ -264,6 +270,18 @@ def test_masks_made_in_inference_mode():
             expected = routed_lora_reference_dense(x, layer.weight, layer.bias, layer.lora_A,
                                                    layer.lora_B, layer.scaling, m)
             torch.testing.assert_close(layer(x, m), expected)
+
+
+def test_no_mask_first_in_inference_mode_then_training():
+    """The all-routed mask is made once per device: made under inference_mode, it must still be
+    savable for a later training backward."""
+    lora_module._ALL_ROUTED.clear()
+    layer = _layer_with_adapter()
+    with torch.inference_mode():
+        layer(torch.randn(2, 3, 16))
+    x = torch.randn(2, 3, 16, requires_grad=True)
+    layer(x).sum().backward()
+    assert layer.lora_A.grad is not None and x.grad is not None
 
 
 def test_from_linear_shares_frozen_weights():

@@ -45,32 +45,35 @@ def test_triton_gradcheck_float64():
 
 
 @interpreter
-def test_grad_reduction_over_several_tiles_per_program(monkeypatch):
-    # Force each program of the adapter-gradient kernel to sum several row tiles (as on big
-    # batches), some routed and some not.
-    monkeypatch.setattr(K, "GRAD_PROGRAMS", 2)
+def test_backward_sums_several_tiles_per_program(monkeypatch):
+    # Force each backward program to sum a run of several row tiles (as on big batches), some
+    # routed and some not, and one run to reach past the last row.
+    monkeypatch.setattr(K, "BACKWARD_PROGRAMS", 2)
     check_case("triton", (5, 64, 16), 16, 2, torch.float32, "sample")
 
 
 @interpreter
-def test_launchers_skip_bypassed_tiles_entirely():
+def test_kernels_skip_bypassed_tiles_entirely():
     p, _ = make_problem((3, 64, 32), 24, 4)
-    x, A, B = (p[k].float() for k in ("x", "lora_A", "lora_B"))
-    x2 = x.reshape(-1, 32)
+    x, A, B, dy = (p[k].float() for k in ("x", "lora_A", "lora_B", "dy"))
+    x2, dy2 = x.reshape(-1, 32), dy.reshape(-1, 24)
     mask = torch.tensor([1.0, 0.0, 1.0])
-    u = K.lora_shrink(x2, A, mask, 64)
-    sentinel = torch.full((192, 24), 7.0)
-    K.lora_expand_(sentinel, u, B, mask, 64, 0.5)
-    assert torch.all(sentinel[64:128] == 7.0)  # the bypassed tile was never written
-    expected = 7.0 + 0.5 * (x2[:64] @ A.T) @ B.T
-    torch.testing.assert_close(sentinel[:64], expected, rtol=1e-5, atol=1e-4)
-    u[64:128] = float("nan")  # whatever a skipped tile holds is never read
     keep = torch.tensor([True] * 64 + [False] * 64 + [True] * 64)
-    expected = u[keep].T @ x2[keep]
-    torch.testing.assert_close(K.lora_grad(u, x2, mask, 64), expected, rtol=1e-5, atol=1e-4)
-    g_t = K.lora_grad(u, x2, mask, 64, scaling=0.5, transpose=True)
-    assert g_t.shape == (32, 4) and g_t.is_contiguous()
-    torch.testing.assert_close(g_t, 0.5 * expected.T, rtol=1e-5, atol=1e-4)
+    y = torch.full((192, 24), 7.0)
+    u = K.lora_forward_(y, x2, A, B, mask, 64, 0.5)
+    assert torch.all(y[64:128] == 7.0)  # the bypassed tile was never written
+    torch.testing.assert_close(y[keep], 7.0 + 0.5 * (x2[keep] @ A.T) @ B.T, rtol=1e-5, atol=1e-4)
+    u[64:128] = float("nan")  # whatever a skipped tile holds is never read
+    dx = torch.full((192, 32), 3.0)
+    dA, dB = K.lora_backward(dy2, x2, u, A, B, mask, 64, 0.5, dx)
+    assert torch.all(dx[64:128] == 3.0)
+    g = dy2[keep] @ B
+    torch.testing.assert_close(dx[keep], 3.0 + 0.5 * g @ A, rtol=1e-5, atol=1e-4)
+    assert dA.shape == (4, 32) and dB.shape == (24, 4) and dB.is_contiguous()
+    torch.testing.assert_close(dA, 0.5 * g.T @ x2[keep], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(dB, 0.5 * dy2[keep].T @ u[keep], rtol=1e-5, atol=1e-4)
+    dA2, dB2 = K.lora_backward(dy2, x2, u, A, B, mask, 64, 0.5)  # without dx: the same sums
+    assert torch.equal(dA2, dA) and torch.equal(dB2, dB)
 
 
 def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
