@@ -1,0 +1,141 @@
+"""Host cost of one layer call: what bounds a small-batch step on a GPU.
+
+    python benchmarks/host_overhead.py            # GPU: bf16 activations, fp32 adapters
+    python benchmarks/host_overhead.py --rows 8   # tiny tensors: the host work alone
+
+On a GPU at BERT-sized batches a LoRA step is bound by the host (Python, autograd, kernel launches),
+not by the GPU: the README's GPU tables show a routed layer at 32 x 128 rows costing 6-12x F.linear
+while the arithmetic is a few percent more. This script measures, per layer call (forward, and
+forward + backward), for the routed layer (with a mask and without), peft's LoRA layer and F.linear:
+
+  host us    perf_counter over `calls` calls queued back to back, no sync inside (on a GPU the
+             host enqueues faster than a busy GPU runs only when the host is not the bound);
+  wall us    the same loop including the final synchronize;
+  kernels    GPU kernels launched per call (torch.profiler), the count each launch's host cost
+             multiplies;
+  GPU us     the time those kernels run on the GPU (torch.profiler, summed): what a call would
+             cost once the host keeps ahead (larger batches, CUDA graphs) - the kernels' own cost.
+
+Writes benchmarks/results/host_<device>.{json,md}. Shapes and dtypes as in lora_table.py.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from lora_table import environment, make_impl, make_problem  # noqa: E402
+from mixture_table import device_tag  # noqa: E402
+
+VARIANTS = ("routed@0", "routed@0.5", "routed@1", "routed_no_mask", "peft", "linear")
+
+
+def impl(name, p):
+    if name == "routed_no_mask":
+        return make_impl("routed", dict(p, mask=None))
+    if name.startswith("routed@"):  # the first round(f x batch) samples routed
+        batch = p["x"].shape[0]
+        mask = torch.zeros(batch, dtype=torch.bool, device=p["x"].device)
+        mask[: round(float(name.split("@")[1]) * batch)] = True
+        return make_impl("routed", dict(p, mask=mask))
+    return make_impl(name, p)
+
+
+def run(fn, leaves, x, dy, backward, calls):
+    for _ in range(calls):
+        for leaf in leaves:
+            leaf.grad = None
+        y = fn(x)
+        if backward:
+            y.backward(dy)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(name, p, backward, calls, repeats):
+    fn, leaves = impl(name, p)
+    x = p["x"].detach().requires_grad_()
+    run(fn, leaves, x, p["dy"], backward, 3)  # warm-up: Triton compiles on first use
+    sync(x.device)
+    host, wall = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run(fn, leaves, x, p["dy"], backward, calls)
+        t1 = time.perf_counter()
+        sync(x.device)
+        t2 = time.perf_counter()
+        host.append((t1 - t0) / calls * 1e6)
+        wall.append((t2 - t0) / calls * 1e6)
+    kernels = gpu_us = None
+    if x.is_cuda:
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            run(fn, leaves, x, p["dy"], backward, 10)
+            sync(x.device)
+        events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+        kernels = sum(e.count for e in events) / 10
+        gpu_us = sum(getattr(e, "self_device_time_total", None) or e.self_cuda_time_total
+                     for e in events) / 10
+    return {"variant": name, "pass": "fwd+bwd" if backward else "fwd", "host_us": min(host),
+            "wall_us": min(wall), "kernels_per_call": kernels, "gpu_kernel_us": gpu_us}
+
+
+def _fmt(v, digits):
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--width", type=int, default=768)
+    ap.add_argument("--dtype", default=None, help="activations: bfloat16 (GPU default) or float32")
+    ap.add_argument("--rows", type=int, default=None, help="batch x 128 rows (default: lora_table's)")
+    ap.add_argument("--calls", type=int, default=200)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    p = make_problem(args.width, 1.0, device, dtype)
+    if args.rows:
+        p = {k: (v[: args.rows] if v.dim() == 3 or k == "mask" else v) for k, v in p.items()}
+    rows = []
+    for backward in (False, True):
+        for name in VARIANTS:
+            if name == "peft":
+                try:
+                    import peft  # noqa: F401
+                except ImportError:
+                    continue
+            r = measure(name, p, backward, args.calls, args.repeats)
+            rows.append(r)
+            print(f"{r['pass']:8s} {name:15s} host {r['host_us']:8.1f} us  wall {r['wall_us']:8.1f} us"
+                  f"  kernels {_fmt(r['kernels_per_call'], 0)}  GPU {_fmt(r['gpu_kernel_us'], 1)} us",
+                  flush=True)
+    shape = f"{tuple(p['x'].shape)} {dtype}, width {args.width}"
+    env = environment(device)
+    tag = device_tag(device) + (f"_{args.dtype}" if args.dtype else "")  # default dtype: no suffix
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, f"host_{tag}.json"), "w") as f:
+        json.dump({"environment": env, "shape": shape, "rows": rows}, f, indent=1)
+    lines = ["# Host cost of one layer call", "",
+             f"`{' '.join(['python benchmarks/host_overhead.py', *(argv or sys.argv[1:])])}`"
+             f" - x {shape}; minimum of {args.repeats} loops of "
+             f"{args.calls} calls.", "", "Machine: " + ", ".join(f"{k} {v}" for k, v in env.items()), "",
+             "| pass | variant | host us / call | wall us / call | GPU kernels / call | GPU kernel us / call |",
+             "|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['pass']} | {r['variant']} | {r['host_us']:.1f} | {r['wall_us']:.1f} | "
+                     f"{_fmt(r['kernels_per_call'], 0)} | {_fmt(r['gpu_kernel_us'], 1)} |")
+    with open(os.path.join(args.out, f"host_{tag}.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
