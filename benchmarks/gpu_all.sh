@@ -37,11 +37,11 @@ step() {  # step NAME SECONDS COMMAND...: run with a timeout, log to $LOG/NAME.l
 }
 GPU_TESTS=${GPU_TESTS:-tests/test_lora.py tests/test_lora_kernels.py tests/test_gmm_kernel.py tests/test_mixture.py}
 TAIL=15 step gpu_tests 150 $PY -m pytest $GPU_TESTS -q -p no:cacheprovider -rfE
-step host_overhead 60 $PY benchmarks/host_overhead.py
+step host_overhead 90 $PY benchmarks/host_overhead.py
 step lora_table 90 $PY benchmarks/lora_table.py
 # sklearn at N = 1e6 alone takes over a minute (7 repeats, two thread settings): measured up to 1e5;
 # 5 repeats of 10 rows took over 60 s on an H200 (0.9 s of pauses per repeat)
 step mixture_table 100 $PY benchmarks/mixture_table.py --repeats 5 --sklearn-max-n 100000
 # 1280 samples (40 steps): at 640, epochs of 0.4-2 s scattered +-40 % on an H200 (launch-bound)
-step epoch_table 220 $PY benchmarks/epoch_table.py --models minilm bert-base --lengths 64 128 --epoch-samples 1280
+step epoch_table 240 $PY benchmarks/epoch_table.py --models minilm bert-base --lengths 64 128 --epoch-samples 1280
 ls "$LOG"
