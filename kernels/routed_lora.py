@@ -27,13 +27,18 @@ with m == 0 may hold anything (whole bypassed tiles are never written); the back
 with m != 0.
 
 Precision: products accumulate in fp32 (fp64 for fp64 inputs). The products with A and B cast
-both operands explicitly to one dot dtype: the activation dtype when the adapter has the same half dtype (tensor
-cores), else fp32 with IEEE precision (fp32 adapters with half activations, as in mixed-precision
-training). The adapter-gradient sums always multiply in fp32: they are a few FLOPs per row.
+both operands explicitly to one dot dtype: the activation dtype when the adapter has the same half
+dtype (tensor cores), else fp32 with IEEE precision (fp32 adapters with half activations, as in
+mixed-precision training; TileConfig.half_dots switches those to the half dtype). The
+adapter-gradient sums always multiply in fp32: they are a few FLOPs per row.
 Triton's interpreter gets bf16 dots wrong, so under TRITON_INTERPRET=1 bf16 dots run in fp32.
-Plain pointer arithmetic only (no block pointers, no autotune): the kernels compile for sm_90 with
+Tiles, warps and the dot dtype for fp32 adapters are a TileConfig (CONFIG), chosen by hand and timed
+by benchmarks/lora_kernel_sweep.py, not autotuned (autotune would compile every variant at first use).
+Plain pointer arithmetic only (no block pointers): the kernels compile for sm_90 with
 triton 3.6 and 3.9 (tests/compile_kernels.py compiles them ahead of time, without a GPU).
 """
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -41,9 +46,19 @@ import triton.language as tl
 
 from .utils import acc_dtype, interpreting
 
-BLOCK_M = 64  # rows per tile: the routing granularity
-BLOCK_K = 64  # chunk of the input features (columns of x, A, dX)
-BLOCK_N = 64  # chunk of the output features (columns of Y, dY, rows of B)
+
+class TileConfig(NamedTuple):
+    """Launch parameters of both kernels; benchmarks/lora_kernel_sweep.py times alternatives."""
+    block_m: int = 64  # rows per tile: the routing granularity
+    block_k: int = 64  # chunk of the input features (columns of x, A, dX)
+    block_n: int = 64  # chunk of the output features (columns of Y, dY, rows of B)
+    num_warps: int = 4
+    # Products with fp32 adapters under half activations in the activation dtype (tensor cores; what
+    # autocast does to peft's LoRA) instead of fp32 IEEE. Off: not yet shown to pay on a GPU.
+    half_dots: bool = False
+
+
+CONFIG = TileConfig()
 BACKWARD_PROGRAMS = 256  # at most this many backward programs (partial sums), each a run of tiles
 # `scaling` reaches the compiled kernels as fp32 (Triton passes Python floats so; the interpreter keeps
 # float64): in float64 layers it is rounded to fp32 (relative 6e-8), exact for powers of two such as
@@ -54,11 +69,12 @@ _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
               torch.float32: tl.float32, torch.float64: tl.float64}
 
 
-def _dot_dtype(a, b):
-    """One dtype for both dot operands: the shared half dtype (tensor cores), else fp32/fp64."""
+def _dot_dtype(a, b, half_dots=False):
+    """One dtype for both dot operands: the shared half dtype (tensor cores), else fp32/fp64; with
+    half_dots, the activations' half dtype a for fp32 adapters b too."""
     if torch.float64 in (a, b):
         return tl.float64
-    if a == b and a in (torch.float16, torch.bfloat16):
+    if (a == b or half_dots) and a in (torch.float16, torch.bfloat16):
         if a == torch.bfloat16 and interpreting():
             return tl.float32  # the interpreter's bf16 tl.dot returns garbage
         return _TL_DTYPES[a]
@@ -198,37 +214,40 @@ def _backward_kernel(dy_ptr, x_ptr, u_ptr, a_ptr, b_ptr, dx_ptr, part_ptr, mask_
                 tl.store(ptrs, tl.load(ptrs, mask=io, other=0.0) + scaling * d, mask=io)
 
 
-def lora_forward_(y, x, a, b, mask, rows_per_mask, scaling):
+def lora_forward_(y, x, a, b, mask, rows_per_mask, scaling, config=None):
     """In place: y[row] += scaling * m (x a^T) b^T for rows with m != 0; other rows untouched.
     y [M, N], x [M, K], a [R, K], b [N, R], mask [G] float32 (row i uses mask[i // rows_per_mask]).
-    Returns U = m x a^T [M, R] in acc_dtype(x.dtype), for the backward; rows with m == 0 undefined."""
+    Returns U = m x a^T [M, R] in acc_dtype(x.dtype), for the backward; rows with m == 0 undefined.
+    config: a TileConfig (default CONFIG)."""
+    c = config or CONFIG
     M, K = x.shape
     N, R = b.shape
     u = torch.empty((M, R), device=x.device, dtype=acc_dtype(x.dtype))
-    dot_a, dot_b = _dot_dtype(x.dtype, a.dtype), _dot_dtype(y.dtype, b.dtype)
-    _forward_kernel[(triton.cdiv(M, BLOCK_M),)](
+    dot_a, dot_b = _dot_dtype(x.dtype, a.dtype, c.half_dots), _dot_dtype(y.dtype, b.dtype, c.half_dots)
+    _forward_kernel[(triton.cdiv(M, c.block_m),)](
         x, a, b, y, u, mask, M, K, N, R, rows_per_mask, float(scaling),
         x.stride(0), x.stride(1), a.stride(0), a.stride(1), b.stride(0), b.stride(1),
         y.stride(0), y.stride(1), u.stride(0), u.stride(1),
-        BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_N=BLOCK_N, BLOCK_R=_block_r(R),
+        BLOCK_M=c.block_m, BLOCK_K=c.block_k, BLOCK_N=c.block_n, BLOCK_R=_block_r(R),
         DOT_A=dot_a, DOT_B=dot_b, ACC=_TL_DTYPES[u.dtype],
-        PRECISION_A=_precision(dot_a), PRECISION_B=_precision(dot_b))
+        PRECISION_A=_precision(dot_a), PRECISION_B=_precision(dot_b), num_warps=c.num_warps)
     return u
 
 
-def lora_backward(dy, x, u, a, b, mask, rows_per_mask, scaling, dx=None):
+def lora_backward(dy, x, u, a, b, mask, rows_per_mask, scaling, dx=None, config=None):
     """The adapter's part of the backward, routed rows only. dy [M, N], x [M, K] (the LoRA input),
     u [M, R] from lora_forward_, a [R, K], b [N, R]. With G = m dy b: in place dx[row] += scaling *
     G a when dx [M, K] is given; returns (dA, dB) = (scaling * G^T x [R, K], scaling * dy^T u [N, R])
-    in acc_dtype(dy.dtype)."""
+    in acc_dtype(dy.dtype). config: a TileConfig (default CONFIG)."""
+    c = config or CONFIG
     M, N = dy.shape
     K, R = x.shape[1], u.shape[1]
-    tiles = triton.cdiv(M, BLOCK_M)
+    tiles = triton.cdiv(M, c.block_m)
     tiles_per_program = triton.cdiv(tiles, min(tiles, BACKWARD_PROGRAMS))
     programs = triton.cdiv(tiles, tiles_per_program)
     acc = acc_dtype(dy.dtype)
     part = torch.empty((programs, R * K + N * R), device=dy.device, dtype=acc)
-    dot_a, dot_b = _dot_dtype(dy.dtype, a.dtype), _dot_dtype(dy.dtype, b.dtype)
+    dot_a, dot_b = _dot_dtype(dy.dtype, a.dtype, c.half_dots), _dot_dtype(dy.dtype, b.dtype, c.half_dots)
     has_dx = dx is not None
     if not has_dx:
         dx = dy  # never read nor written (HAS_DX is off); any pointer will do
@@ -238,9 +257,10 @@ def lora_backward(dy, x, u, a, b, mask, rows_per_mask, scaling, dx=None):
         dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), u.stride(0), u.stride(1),
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), dx.stride(0), dx.stride(1),
         part.stride(0),
-        HAS_DX=has_dx, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_N=BLOCK_N, BLOCK_R=_block_r(R),
+        HAS_DX=has_dx, BLOCK_M=c.block_m, BLOCK_K=c.block_k, BLOCK_N=c.block_n, BLOCK_R=_block_r(R),
         DOT_A=dot_a, DOT_B=dot_b, ACC=_TL_DTYPES[acc], PRECISION_A=_precision(dot_a),
-        PRECISION_B=_precision(dot_b), PRECISION_ACC=_precision(_TL_DTYPES[acc]))
+        PRECISION_B=_precision(dot_b), PRECISION_ACC=_precision(_TL_DTYPES[acc]),
+        num_warps=c.num_warps)
     total = part[0] if programs == 1 else part.sum(0)
     return total[:R * K].view(R, K), total[R * K:].view(N, R)
 

@@ -44,7 +44,8 @@ def routed_lora_variants():
     for (xd, wd), r in itertools.product(pairs, (4, 64)):
         acc = acc_dtype(xd)
         dot = rl._dot_dtype(xd, wd)
-        common = dict(BLOCK_M=rl.BLOCK_M, BLOCK_K=rl.BLOCK_K, BLOCK_N=rl.BLOCK_N, BLOCK_R=rl._block_r(r),
+        common = dict(BLOCK_M=rl.CONFIG.block_m, BLOCK_K=rl.CONFIG.block_k, BLOCK_N=rl.CONFIG.block_n,
+                      BLOCK_R=rl._block_r(r),
                       DOT_A=dot, DOT_B=dot, ACC=rl._TL_DTYPES[acc], PRECISION_A=rl._precision(dot),
                       PRECISION_B=rl._precision(dot))
         tag = f"x {xd} w {wd} r {r}"

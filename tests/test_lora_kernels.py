@@ -76,6 +76,44 @@ def test_kernels_skip_bypassed_tiles_entirely():
     assert torch.equal(dA2, dA) and torch.equal(dB2, dB)
 
 
+def _launch_both(config, dtype=torch.float32, adapter_dtype=torch.float32):
+    """Forward and backward launchers on a mixed routed/bypassed problem, and float64 expectations."""
+    p, _ = make_problem((3, 70, 96), 80, 8)
+    x2, dy2 = p["x"].reshape(-1, 96), p["dy"].reshape(-1, 80)
+    A, B = p["lora_A"], p["lora_B"]
+    mask = torch.tensor([1.0, 0.0, 1.0])
+    keep = torch.arange(210) // 70 != 1
+    y = torch.zeros(210, 80, dtype=dtype)
+    u = K.lora_forward_(y, x2.to(dtype), A.to(adapter_dtype), B.to(adapter_dtype), mask, 70, 0.5, config)
+    dx = torch.zeros(210, 96, dtype=dtype)
+    dA, dB = K.lora_backward(dy2.to(dtype), x2.to(dtype), u, A.to(adapter_dtype), B.to(adapter_dtype),
+                             mask, 70, 0.5, dx, config)
+    k = keep[:, None]
+    g = (dy2 @ B) * k
+    expected = (0.5 * (x2 @ A.T) @ B.T * k, 0.5 * g @ A * k, 0.5 * g.T @ x2, 0.5 * dy2.T @ ((x2 @ A.T) * k))
+    return (y, dx, dA, dB), expected
+
+
+@interpreter
+@pytest.mark.parametrize("config", [K.TileConfig(block_m=32), K.TileConfig(block_k=128, block_n=32),
+                                    K.TileConfig(block_m=128, num_warps=8)])
+def test_tile_configs_compute_the_same(config):
+    got, expected = _launch_both(config)
+    for name, g, e in zip(("y", "dx", "dA", "dB"), got, expected):
+        torch.testing.assert_close(g.double(), e, rtol=1e-5, atol=1e-4, msg=name)
+
+
+@interpreter
+def test_half_dots_for_fp32_adapters():
+    # fp16 activations, fp32 adapters: the products run in fp16 (rounding the adapter and U once each),
+    # accumulating in fp32. Error bound: a few fp16 ulps of the largest term.
+    got, expected = _launch_both(K.TileConfig(half_dots=True), torch.float16, torch.float32)
+    for name, g, e in zip(("y", "dx", "dA", "dB"), got, expected):
+        torch.testing.assert_close(g.double(), e, rtol=2e-2, atol=2e-2 * e.abs().max().item(), msg=name)
+    assert K._dot_dtype(torch.float16, torch.float32, True) == K.tl.float16
+    assert K._dot_dtype(torch.float16, torch.float32) == K.tl.float32
+
+
 def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     x, W, A, B = torch.randn(2, 8), torch.randn(4, 8), torch.randn(2, 8), torch.randn(4, 2)
