@@ -602,7 +602,7 @@ def main(argv=None):
     info.update(transformers=transformers.__version__, peft=peft.__version__, clock=args.clock,
                 torch_threads=torch.get_num_threads(), commit=_commit())
     print(json.dumps(info), flush=True)
-    stem = device_tag(device)
+    stem = device_tag(device) + ("_bf16" if args.bf16 else "")  # bf16 figures beside the fp32 ones
     os.makedirs(args.out, exist_ok=True)
     base = os.path.join(args.out, f"epoch_{stem}")
     command = "python benchmarks/epoch_table.py " + " ".join(sys.argv[1:] if argv is None else argv)

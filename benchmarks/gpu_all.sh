@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Everything a GPU session should check and time, in one device call (each step has a timeout so the
-# whole fits the 600 s per-call limit; rerun a step alone if it timed out):
-#   bash benchmarks/gpu_all.sh            (results also land in $OUT when the device tool sets it)
-#   STEPS="gpu_tests epoch_table" GPU_TESTS=tests/test_gmm_kernel.py bash benchmarks/gpu_all.sh   (a subset)
+# Everything a GPU session should check and time. Each step has a timeout; all of them together take
+# longer than one 600 s device call, so run them as two calls (the step limits add up to 8 min each):
+#   STEPS="gpu_tests kernel_sweep host_overhead lora_table" bash benchmarks/gpu_all.sh
+#   STEPS="mixture_table epoch_table epoch_bf16" OUT=$OUT/b bash benchmarks/gpu_all.sh
+# or a subset, e.g. STEPS="gpu_tests epoch_table" GPU_TESTS=tests/test_gmm_kernel.py (results also
+# land in $OUT when the device tool sets it; a second call in one command needs its own OUT).
 # The GPU machine has torch, triton, transformers, scikit-learn, pytest(-benchmark) and peft but no
 # package index: the package runs from the source tree (PYTHONPATH), not installed. The tables write
 # benchmarks/results/<table>_<device>.{json,md} (GPU name, versions, date). Logs and the new table
@@ -26,7 +28,7 @@ $PY -c "import clear_fast.kernels.gmm" || echo "clear_fast does not import: ever
 
 step() {  # step NAME SECONDS COMMAND...: run with a timeout, log to $LOG/NAME.log, print its tail
     local name=$1 secs=$2; shift 2
-    [[ " ${STEPS:-gpu_tests kernel_sweep host_overhead lora_table mixture_table epoch_table} " == *" $name "* ]] || return 0
+    [[ " ${STEPS:-gpu_tests kernel_sweep host_overhead lora_table mixture_table epoch_table epoch_bf16} " == *" $name "* ]] || return 0
     echo "== $name"
     timeout "$secs" "$@" >"$LOG/$name.log" 2>&1
     echo "   exit $?"
@@ -46,4 +48,6 @@ step lora_table 90 $PY benchmarks/lora_table.py
 step mixture_table 100 $PY benchmarks/mixture_table.py --repeats 5 --sklearn-max-n 100000
 # 1280 samples (40 steps): at 640, epochs of 0.4-2 s scattered +-40 % on an H200 (launch-bound)
 step epoch_table 240 $PY benchmarks/epoch_table.py --models minilm bert-base --lengths 64 128 --epoch-samples 1280
+# the same under bf16 autocast (--bf16 on the CLI), at length 128; writes epoch_<device>_bf16.*
+step epoch_bf16 150 $PY benchmarks/epoch_table.py --models minilm bert-base --lengths 128 --epoch-samples 1280 --bf16
 ls "$LOG"
