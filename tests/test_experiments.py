@@ -191,7 +191,13 @@ def test_ctrl_c_with_jobs_starts_no_new_run(tiny_bert, toy_files, tmp_path, monk
         return 130  # ...and every training, which checkpoints and exits with 130
 
     monkeypatch.setattr(ex, "launch", fake_launch)
-    assert ex.run_grid(grid, grid.runs, jobs=2) == 130
+    # A shell that starts the tests in the background (`cmd &`) leaves SIGINT ignored, and Python then
+    # keeps it ignored: give it Python's usual Ctrl-C handler for this test.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        assert ex.run_grid(grid, grid.runs, jobs=2) == 130
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert len(grid.runs) == 4 and len(started) == 2  # the two running ones, and no third
     assert "interrupted" in capsys.readouterr().err
 
