@@ -61,7 +61,7 @@ def _routed_rows(mask, rows_per_mask):
     if cacheable and last_mask is mask and version == mask._version and rpm == rows_per_mask:
         return rows
     rows = mask.nonzero().squeeze(1)
-    if rows_per_mask > 1:
+    if rows_per_mask > 1 and rows.numel():
         # Row indices into the 2-D [M, d] view, not sample indices into a [B, T, d] view:
         # index_select and index_add_ along dim 0 of 3-D views measured 10-400x slower on 2 busy
         # cores.
@@ -290,9 +290,10 @@ def _check(x, weight, bias, lora_A, lora_B, mask, x_lora, backend):
         raise ValueError(f"mask has shape {tuple(mask.shape)}; expected [{x.shape[0]}] (one value "
                          f"per sample) or [{rows}] (one per row) for x of shape {tuple(x.shape)}")
     m = mask.to(torch.float32).contiguous()  # the kernels index it as a flat array
-    # Checking the values costs a host sync: done in eager CPU calls only, never on the GPU path
-    # nor while torch.compile traces (it would break the graph).
-    if not m.is_cuda and not torch.compiler.is_compiling() and bool(((m != 0) & (m != 1)).any()):
+    # Checking the values costs a host sync: done in eager CPU calls on float masks only (a bool mask
+    # is 0/1 by its type), never on the GPU path nor while torch.compile traces (a graph break).
+    if (mask.dtype != torch.bool and not m.is_cuda and not torch.compiler.is_compiling()
+            and bool(((m != 0) & (m != 1)).any())):
         raise ValueError("mask values must be 0 or 1 (or bool); got other values")
     return m, rows // mask.numel() if mask.numel() else 1
 
