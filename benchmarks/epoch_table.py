@@ -20,12 +20,13 @@ Sections:
           (unique storages seen by saved_tensors_hooks). It leaves out transient temporaries freed
           within an op and allocator overhead, which are alike across the variants.
   epoch   one post-warm-up epoch (on a GPU the fastest of two, after an untimed small one: Triton
-          compiles on first use, and first runs at a new size scattered +-40 % on an H200)
-          on a synthetic split of random token ids (lengths uniform in [--min-length-frac x L, L]) by
-          part: training steps, clean-probability pass, mixture fit, evaluation. Driven through clear_fast.trainer.Run's own methods (train_epoch,
-          evaluate, clean_probability_pass, predict) on models built here; the reference runs
-          Run.train_epoch and Run.predict (E = 2 passes, so it gets this project's batching:
-          inference mode, length-sorted, eval batch 128) with sklearn's mixture.
+          compiles on first use, and first runs at a new size scattered +-40 % on an H200) on a
+          synthetic split of random token ids (lengths uniform in [--min-length-frac x L, L]) by part:
+          training steps, clean-probability pass, mixture fit, evaluation. Driven through
+          clear_fast.trainer.Run's own methods (train_epoch, evaluate, clean_probability_pass,
+          predict) on models built here; the reference runs Run.train_epoch and Run.predict (E = 2
+          passes, so it gets this project's batching: inference mode, length-sorted, eval batch 128)
+          with sklearn's mixture.
   pass    where the clean-probability pass spends its time and prototypes that cut it (see
           predict_shared_prefix), each checked against the current pass before it is timed.
 

@@ -27,7 +27,7 @@ from mixture_table import device_tag  # noqa: E402
 
 from clear_fast.kernels import routed_lora as K  # noqa: E402
 
-RANK, SCALING = 8, 2.0
+RANK, SCALING, SEQ = 8, 2.0, 128  # rows per sample: the mask is per sample, as in training
 HBM = 4.8e12  # bytes/s, H200 (vendor figure); the floor is indicative on other GPUs
 
 
@@ -37,7 +37,7 @@ def problem(rows, width, dtype, adapter_dtype, fraction, device):
     dy = torch.randn(rows, width, generator=g).to(device, dtype)
     a = (torch.randn(RANK, width, generator=g) / width ** 0.5).to(device, adapter_dtype)
     b = torch.randn(width, RANK, generator=g).to(device, adapter_dtype)
-    samples = rows // 128
+    samples = rows // SEQ
     mask = (torch.arange(samples) < round(fraction * samples)).float().to(device)
     return x, dy, a, b, mask
 
@@ -52,15 +52,15 @@ def floor_us(rows, width, dtype, fraction):
 
 def run_config(cfg, x, dy, a, b, mask):
     y = torch.zeros_like(x)
-    u = K.lora_forward_(y, x, a, b, mask, 128, SCALING, cfg)
+    u = K.lora_forward_(y, x, a, b, mask, SEQ, SCALING, cfg)
     dx = torch.zeros_like(x)
-    dA, dB = K.lora_backward(dy, x, u, a, b, mask, 128, SCALING, dx, cfg)
+    dA, dB = K.lora_backward(dy, x, u, a, b, mask, SEQ, SCALING, dx, cfg)
     return y, dx, dA, dB, u
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rows", type=int, default=32 * 128)
+    ap.add_argument("--rows", type=int, default=32 * SEQ)
     ap.add_argument("--width", type=int, default=768)
     ap.add_argument("--fractions", type=float, nargs="+", default=[1.0, 0.5])
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
@@ -95,8 +95,8 @@ def main(argv=None):
                 continue
             y, dx = torch.zeros_like(x), torch.zeros_like(x)
             u = got[4]
-            fwd = triton.testing.do_bench(lambda: K.lora_forward_(y, x, a, b, mask, 128, SCALING, cfg))
-            bwd = triton.testing.do_bench(lambda: K.lora_backward(dy, x, u, a, b, mask, 128, SCALING, dx, cfg))
+            fwd = triton.testing.do_bench(lambda: K.lora_forward_(y, x, a, b, mask, SEQ, SCALING, cfg))
+            bwd = triton.testing.do_bench(lambda: K.lora_backward(dy, x, u, a, b, mask, SEQ, SCALING, dx, cfg))
             row = {"dtype": str(dtype).replace("torch.", ""), "adapter": str(adapter_dtype).replace("torch.", ""),
                    "fraction": fraction, **cfg._asdict(), "fwd_us": fwd * 1e3, "bwd_us": bwd * 1e3,
                    "floor_fwd_us": floor["fwd"], "floor_bwd_us": floor["bwd"], "rel_err_vs_default": err,

@@ -148,8 +148,10 @@ class Router:
         return len(self.layers)
 
     def set_masks(self, masks):
-        if masks is not None:  # one float [L, B] copy: each layer's mask a contiguous row, so the
-            masks = masks.T.to(torch.float32, memory_format=torch.contiguous_format)  # layers convert nothing
+        # One float [L, B] copy per step: each layer's mask is a contiguous row that the routed layers
+        # use as it is (no cast per layer call).
+        if masks is not None:
+            masks = masks.T.to(torch.float32, memory_format=torch.contiguous_format)
         for l, modules in enumerate(self.layers):
             m = None if masks is None else masks[l]
             for module in modules:
