@@ -125,15 +125,16 @@ def _backward_torch(dy, x, u, a, b, mask, rows_per_mask, scaling, dx):
 
 
 # ------------------------------------------------------------ each half: Triton or torch
-def _forward_impl_(y, x, a, b, mask, rows_per_mask, scaling, backend):
+def _forward_impl_(y, x, a, b, mask, rows_per_mask, scaling, backend, half_dots):
     if _use_triton(y, backend):
-        return _kernels().lora_forward_(y, x, a, b, mask, rows_per_mask, scaling)
+        return _kernels().lora_forward_(y, x, a, b, mask, rows_per_mask, scaling, half_dots=half_dots)
     return _forward_torch_(y, x, a, b, mask, rows_per_mask, scaling)
 
 
-def _backward_impl(dy, x, u, a, b, mask, rows_per_mask, scaling, dx, backend):
+def _backward_impl(dy, x, u, a, b, mask, rows_per_mask, scaling, dx, backend, half_dots):
     if _use_triton(dy, backend):
-        return _kernels().lora_backward(dy, x, u, a, b, mask, rows_per_mask, scaling, dx)
+        return _kernels().lora_backward(dy, x, u, a, b, mask, rows_per_mask, scaling, dx,
+                                        half_dots=half_dots)
     return _backward_torch(dy, x, u, a, b, mask, rows_per_mask, scaling, dx)
 
 
@@ -142,24 +143,25 @@ def _backward_impl(dy, x, u, a, b, mask, rows_per_mask, scaling, dx, backend):
 # dispatcher, which costs 20-150 us a call (measured).
 @torch.library.custom_op("clear_fast::lora_forward_", mutates_args=("y",))
 def _forward_op(y: Tensor, x: Tensor, a: Tensor, b: Tensor, mask: Tensor, rows_per_mask: int,
-                scaling: float, backend: str) -> Tensor:
-    return _forward_impl_(y, x, a, b, mask, rows_per_mask, scaling, backend)
+                scaling: float, backend: str, half_dots: bool) -> Tensor:
+    return _forward_impl_(y, x, a, b, mask, rows_per_mask, scaling, backend, half_dots)
 
 
 @_forward_op.register_fake
-def _(y, x, a, b, mask, rows_per_mask, scaling, backend):
+def _(y, x, a, b, mask, rows_per_mask, scaling, backend, half_dots):
     return x.new_empty((x.shape[0], a.shape[0]), dtype=_acc_dtype(x.dtype))
 
 
 @torch.library.custom_op("clear_fast::lora_backward", mutates_args=("dx",))
 def _backward_op(dy: Tensor, x: Tensor, u: Tensor, a: Tensor, b: Tensor, mask: Tensor,
                  rows_per_mask: int, scaling: float, dx: Optional[Tensor],
-                 backend: str) -> tuple[Tensor, Tensor]:
-    return _backward_impl(dy, x, u, a, b, mask, rows_per_mask, scaling, dx, backend)
+                 backend: str, half_dots: bool) -> tuple[Tensor, Tensor]:
+    dA, dB = _backward_impl(dy, x, u, a, b, mask, rows_per_mask, scaling, dx, backend, half_dots)
+    return dA, dB.clone()  # eagerly both are views of one buffer; a custom op's outputs may not alias
 
 
 @_backward_op.register_fake
-def _(dy, x, u, a, b, mask, rows_per_mask, scaling, dx, backend):
+def _(dy, x, u, a, b, mask, rows_per_mask, scaling, dx, backend, half_dots):
     acc = _acc_dtype(dy.dtype)
     return dy.new_empty(tuple(a.shape), dtype=acc), dy.new_empty(tuple(b.shape), dtype=acc)
 
@@ -181,16 +183,16 @@ class RoutedLoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, x_lora, weight, bias, lora_A, lora_B, scaling, mask, rows_per_mask,
-                backend):
+                backend, half_dots):
         # The base is F.linear on x as given, the very call bypassed rows must equal bit for bit.
         out = F.linear(x, weight, bias)
         if not out.is_contiguous():  # the LoRA term is added in place through a 2-D view
             out = out.contiguous()
         xl = (x if x_lora is None else x_lora).reshape(-1, x.shape[-1])
         u = _lora_forward_(out.view(-1, out.shape[-1]), xl, lora_A, lora_B, mask, rows_per_mask,
-                           scaling, backend)
+                           scaling, backend, half_dots)
         ctx.save_for_backward(x, x_lora, weight, lora_A, lora_B, mask, u)
-        ctx.scaling, ctx.rows_per_mask, ctx.backend = scaling, rows_per_mask, backend
+        ctx.scaling, ctx.rows_per_mask, ctx.backend, ctx.half_dots = scaling, rows_per_mask, backend, half_dots
         ctx.has_bias = bias is not None
         return out
 
@@ -210,7 +212,7 @@ class RoutedLoRAFunction(torch.autograd.Function):
         # The adapter's input gradient goes into dx, or into dx_lora when the adapter has its own
         # (dropout) input.
         dA, dB = _lora_backward(dy, xl, u, lora_A, lora_B, mask, ctx.rows_per_mask, ctx.scaling,
-                                dx if x_lora is None else dx_lora, ctx.backend)
+                                dx if x_lora is None else dx_lora, ctx.backend, ctx.half_dots)
         if dx is not None:
             dx = dx.view(shape)
         if dx_lora is not None:
@@ -221,7 +223,7 @@ class RoutedLoRAFunction(torch.autograd.Function):
             db = dy.sum(0)
         dA = dA.to(lora_A.dtype) if need[4] else None
         dB = dB.to(lora_B.dtype) if need[5] else None
-        return dx, dx_lora, dW, db, dA, dB, None, None, None, None
+        return dx, dx_lora, dW, db, dA, dB, None, None, None, None, None
 
 
 # ------------------------------------------------------------ input checks
@@ -309,8 +311,10 @@ def routed_lora_linear(x, weight, bias, lora_A, lora_B, scaling, mask=None, *, x
     """
     autocast = isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type)
     if autocast:
-        # Under autocast the frozen linear runs in autocast's dtype, as F.linear would; the adapter
-        # keeps its own dtype (the kernels cast explicitly). Inside, autocast is off.
+        # Under autocast the frozen linear runs in autocast's dtype, as F.linear would. The adapter
+        # keeps its own dtype; on CUDA its products run in autocast's dtype too (fp32 accumulation),
+        # as peft's LoRA's would under autocast; the CPU path keeps them in the adapter's dtype.
+        # Inside, autocast is off.
         dt = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dt), weight.to(dt)
         bias = None if bias is None else bias.to(dt)
@@ -318,7 +322,8 @@ def routed_lora_linear(x, weight, bias, lora_A, lora_B, scaling, mask=None, *, x
     mask_f, rows_per_mask = _check(x, weight, bias, lora_A, lora_B, mask, x_lora, backend)
     if x.numel() == 0:
         return F.linear(x, weight, bias)
-    args = (x, x_lora, weight, bias, lora_A, lora_B, float(scaling), mask_f, rows_per_mask, backend)
+    args = (x, x_lora, weight, bias, lora_A, lora_B, float(scaling), mask_f, rows_per_mask, backend,
+            autocast)
     if not autocast:  # entering the context costs more than the rest of the host work of a call
         return RoutedLoRAFunction.apply(*args)
     with torch.autocast(x.device.type, enabled=False):

@@ -28,12 +28,17 @@ with m != 0.
 
 Precision: products accumulate in fp32 (fp64 for fp64 inputs). The products with A and B cast
 both operands explicitly to one dot dtype: the activation dtype when the adapter has the same half
-dtype (tensor cores), else fp32 with IEEE precision (fp32 adapters with half activations, as in
-mixed-precision training; TileConfig.half_dots switches those to the half dtype). The
-adapter-gradient sums always multiply in fp32: they are a few FLOPs per row.
-Triton's interpreter gets bf16 dots wrong, so under TRITON_INTERPRET=1 bf16 dots run in fp32.
-Tiles, warps and the dot dtype for fp32 adapters are a TileConfig (CONFIG), chosen by hand and timed
-by benchmarks/lora_kernel_sweep.py, not autotuned (autotune would compile every variant at first use).
+dtype (tensor cores), else fp32 with IEEE precision (fp32 adapters with half activations) unless
+half_dots is set, as the layer does under autocast: then the half dtype, which is what autocast does
+to peft's LoRA. The adapter-gradient sums multiply in that half dtype when both products do, else
+in fp32. Triton's interpreter gets bf16 dots wrong, so under TRITON_INTERPRET=1 bf16 dots run in
+fp32.
+
+Tiles, warps and pipelining depth are a TileConfig (CONFIG), chosen from
+benchmarks/lora_kernel_sweep.py's timings on an H200, not autotuned (autotune would compile every
+variant at first use). The kernels are latency-bound at training sizes (a few hundred row tiles,
+each walking its chunks one after another): 32-row tiles, 128-wide chunks, 8 warps and no
+pipelining were the fastest of the 8 shapes timed, with and without half dots, for bf16 and fp32.
 Plain pointer arithmetic only (no block pointers): the kernels compile for sm_90 with
 triton 3.6 and 3.9 (tests/compile_kernels.py compiles them ahead of time, without a GPU).
 """
@@ -49,12 +54,13 @@ from .utils import acc_dtype, interpreting
 
 class TileConfig(NamedTuple):
     """Launch parameters of both kernels; benchmarks/lora_kernel_sweep.py times alternatives."""
-    block_m: int = 64  # rows per tile: the routing granularity
-    block_k: int = 64  # chunk of the input features (columns of x, A, dX)
-    block_n: int = 64  # chunk of the output features (columns of Y, dY, rows of B)
-    num_warps: int = 4
-    # Products with fp32 adapters under half activations in the activation dtype (tensor cores; what
-    # autocast does to peft's LoRA) instead of fp32 IEEE. Off: not yet shown to pay on a GPU.
+    block_m: int = 32  # rows per tile: the routing granularity
+    block_k: int = 128  # chunk of the input features (columns of x, A, dX)
+    block_n: int = 128  # chunk of the output features (columns of Y, dY, rows of B)
+    num_warps: int = 8
+    num_stages: int = 1  # software-pipelining depth of the chunk loops (Triton's default is 3)
+    # Products with fp32 adapters under half activations in the activation dtype (tensor cores)
+    # instead of fp32 IEEE; the launchers set it under autocast (half_dots=True).
     half_dots: bool = False
 
 
@@ -131,9 +137,14 @@ def _add_rows_times_wt_(y_ptr, s_ym, s_yn, u, w_ptr, s_wn, s_wr, rows, routed, N
                     mask=(rr[:, None] < R) & (cols[None, :] < N), other=0.0)
         delta = tl.dot(u, w.to(DOT), input_precision=PRECISION, out_dtype=ACC)
         io = routed[:, None] & (cols[None, :] < N)
-        y_ptrs = y_ptr + rows[:, None] * s_ym + cols[None, :] * s_yn
-        y = tl.load(y_ptrs, mask=io, other=0.0)
-        tl.store(y_ptrs, (y.to(ACC) + scaling * delta).to(y.dtype), mask=io)
+        _add_scaled_(y_ptr + rows[:, None] * s_ym + cols[None, :] * s_yn, io, io, delta, scaling, ACC)
+
+
+@triton.jit
+def _add_scaled_(ptrs, load_mask, store_mask, delta, scaling, ACC: tl.constexpr):
+    """In place *ptrs += scaling * delta in ACC (elements outside load_mask read as 0)."""
+    p = tl.load(ptrs, mask=load_mask, other=0.0)
+    tl.store(ptrs, (p.to(ACC) + scaling * delta).to(p.dtype), mask=store_mask)
 
 
 # Sizes that change from batch to batch are not specialised on (Triton would otherwise compile a
@@ -164,62 +175,76 @@ def _backward_kernel(dy_ptr, x_ptr, u_ptr, a_ptr, b_ptr, dx_ptr, part_ptr, mask_
                      s_part,
                      HAS_DX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, DOT_A: tl.constexpr,
-                     DOT_B: tl.constexpr, ACC: tl.constexpr, PRECISION_A: tl.constexpr,
-                     PRECISION_B: tl.constexpr, PRECISION_ACC: tl.constexpr):
-    """A run of row tiles: G = m dY B; dX += s G A (HAS_DX); this program's partial sums of
-    dA = s G^T X ([R, K] row-major) and dB = s dY^T U ([N, R] row-major, after dA) in its own slot
-    of part, which torch sums over programs (deterministic, no atomics)."""
+                     DOT_B: tl.constexpr, DOT_G: tl.constexpr, ACC: tl.constexpr,
+                     PRECISION_A: tl.constexpr, PRECISION_B: tl.constexpr, PRECISION_G: tl.constexpr):
+    """A run of row tiles, each in one pass over dY and one over X: while G = m dY B accumulates
+    over the dY chunks, the same chunks give dB = s dY^T U; then each X chunk gives dX += s G A
+    (HAS_DX) and dA = s G^T X. The sums over rows go to this program's slot of part (dA [R, K]
+    row-major, then dB [N, R] row-major), which torch sums over programs (deterministic, no
+    atomics). The first routed tile of a run stores its terms, later ones add to them; a run
+    without one stores zeros."""
     rr = tl.arange(0, BLOCK_R)
     part_a = part_ptr + tl.program_id(0).to(tl.int64) * s_part
     part_b = part_a + R * K
-    # The slot starts at zero even when every tile of the run is bypassed.
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        tl.store(part_a + rr[:, None] * K + ks[None, :], tl.zeros((BLOCK_R, BLOCK_K), dtype=ACC),
-                 mask=(rr[:, None] < R) & (ks[None, :] < K))
-    for n0 in range(0, N, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        tl.store(part_b + cols[:, None] * R + rr[None, :], tl.zeros((BLOCK_N, BLOCK_R), dtype=ACC),
-                 mask=(cols[:, None] < N) & (rr[None, :] < R))
-    tl.debug_barrier()  # the zeros above are stored by other threads than those that add below
+    started = tl.full([], 0, tl.int1)  # whether this program's slot holds a sum yet
     for t in range(0, tiles_per_program):
         start = (tl.program_id(0) * tiles_per_program + t) * BLOCK_M
         rows, m, routed = _tile_rows(mask_ptr, start, M, rows_per_mask, BLOCK_M)
         if tl.max(routed.to(tl.int32), axis=0) > 0:
-            # B^T is [R, N]: element (r, n) at r * s_br + n * s_bn.
-            g = _rows_times_wt(dy_ptr, s_dym, s_dyn, b_ptr, s_br, s_bn, rows, routed, N, R,
-                               BLOCK_M, BLOCK_N, BLOCK_R, DOT_B, ACC, PRECISION_B)
+            u = tl.load(u_ptr + rows[:, None] * s_um + rr[None, :] * s_ur,
+                        mask=routed[:, None] & (rr[None, :] < R), other=0.0)
+            g = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC)
+            for n0 in range(0, N, BLOCK_N):
+                cols = n0 + tl.arange(0, BLOCK_N)
+                dy = tl.load(dy_ptr + rows[:, None] * s_dym + cols[None, :] * s_dyn,
+                             mask=routed[:, None] & (cols[None, :] < N), other=0.0)
+                b = tl.load(b_ptr + cols[:, None] * s_bn + rr[None, :] * s_br,
+                            mask=(cols[:, None] < N) & (rr[None, :] < R), other=0.0)
+                g = tl.dot(dy.to(DOT_B), b.to(DOT_B), g, input_precision=PRECISION_B, out_dtype=ACC)
+                d = tl.dot(tl.trans(dy.to(DOT_G)), u.to(DOT_G), input_precision=PRECISION_G, out_dtype=ACC)
+                io = (cols[:, None] < N) & (rr[None, :] < R)
+                _add_scaled_(part_b + cols[:, None] * R + rr[None, :], io & started, io, d, scaling, ACC)
             g = g * m[:, None].to(ACC)
-            if HAS_DX:  # A^T is [K, R]
-                _add_rows_times_wt_(dx_ptr, s_dxm, s_dxk, g, a_ptr, s_ak, s_ar, rows, routed, K, R,
-                                    scaling, BLOCK_K, BLOCK_R, DOT_A, ACC, PRECISION_A)
-            gt = tl.trans(g)
+            gt = tl.trans(g.to(DOT_G))
+            gd = g.to(DOT_A)
             for k0 in range(0, K, BLOCK_K):
                 ks = k0 + tl.arange(0, BLOCK_K)
                 x = tl.load(x_ptr + rows[:, None] * s_xm + ks[None, :] * s_xk,
                             mask=routed[:, None] & (ks[None, :] < K), other=0.0)
-                d = tl.dot(gt, x.to(ACC), input_precision=PRECISION_ACC, out_dtype=ACC)
-                ptrs = part_a + rr[:, None] * K + ks[None, :]
+                if HAS_DX:
+                    a = tl.load(a_ptr + rr[:, None] * s_ar + ks[None, :] * s_ak,
+                                mask=(rr[:, None] < R) & (ks[None, :] < K), other=0.0)
+                    delta = tl.dot(gd, a.to(DOT_A), input_precision=PRECISION_A, out_dtype=ACC)
+                    io = routed[:, None] & (ks[None, :] < K)
+                    _add_scaled_(dx_ptr + rows[:, None] * s_dxm + ks[None, :] * s_dxk, io, io, delta,
+                                 scaling, ACC)
+                d = tl.dot(gt, x.to(DOT_G), input_precision=PRECISION_G, out_dtype=ACC)
                 io = (rr[:, None] < R) & (ks[None, :] < K)
-                tl.store(ptrs, tl.load(ptrs, mask=io, other=0.0) + scaling * d, mask=io)
-            u = tl.load(u_ptr + rows[:, None] * s_um + rr[None, :] * s_ur,
-                        mask=routed[:, None] & (rr[None, :] < R), other=0.0)
-            for n0 in range(0, N, BLOCK_N):
-                cols = n0 + tl.arange(0, BLOCK_N)
-                dyt = tl.load(dy_ptr + rows[None, :] * s_dym + cols[:, None] * s_dyn,  # dY^T tile
-                              mask=routed[None, :] & (cols[:, None] < N), other=0.0)
-                d = tl.dot(dyt.to(ACC), u, input_precision=PRECISION_ACC, out_dtype=ACC)
-                ptrs = part_b + cols[:, None] * R + rr[None, :]
-                io = (cols[:, None] < N) & (rr[None, :] < R)
-                tl.store(ptrs, tl.load(ptrs, mask=io, other=0.0) + scaling * d, mask=io)
+                _add_scaled_(part_a + rr[:, None] * K + ks[None, :], io & started, io, d, scaling, ACC)
+            started = tl.full([], 1, tl.int1)
+            tl.debug_barrier()  # the next tile's loads may run on other threads than these stores
+    if not started:  # no routed row in the whole run: the slot still enters the sum
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            tl.store(part_a + rr[:, None] * K + ks[None, :], tl.zeros((BLOCK_R, BLOCK_K), dtype=ACC),
+                     mask=(rr[:, None] < R) & (ks[None, :] < K))
+        for n0 in range(0, N, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            tl.store(part_b + cols[:, None] * R + rr[None, :], tl.zeros((BLOCK_N, BLOCK_R), dtype=ACC),
+                     mask=(cols[:, None] < N) & (rr[None, :] < R))
 
 
-def lora_forward_(y, x, a, b, mask, rows_per_mask, scaling, config=None):
+def _config(config, half_dots):
+    c = config or CONFIG
+    return c._replace(half_dots=True) if half_dots and not c.half_dots else c
+
+
+def lora_forward_(y, x, a, b, mask, rows_per_mask, scaling, config=None, half_dots=False):
     """In place: y[row] += scaling * m (x a^T) b^T for rows with m != 0; other rows untouched.
     y [M, N], x [M, K], a [R, K], b [N, R], mask [G] float32 (row i uses mask[i // rows_per_mask]).
     Returns U = m x a^T [M, R] in acc_dtype(x.dtype), for the backward; rows with m == 0 undefined.
-    config: a TileConfig (default CONFIG)."""
-    c = config or CONFIG
+    config: a TileConfig (default CONFIG); half_dots=True sets its half_dots (autocast)."""
+    c = _config(config, half_dots)
     M, K = x.shape
     N, R = b.shape
     u = torch.empty((M, R), device=x.device, dtype=acc_dtype(x.dtype))
@@ -230,16 +255,17 @@ def lora_forward_(y, x, a, b, mask, rows_per_mask, scaling, config=None):
         y.stride(0), y.stride(1), u.stride(0), u.stride(1),
         BLOCK_M=c.block_m, BLOCK_K=c.block_k, BLOCK_N=c.block_n, BLOCK_R=_block_r(R),
         DOT_A=dot_a, DOT_B=dot_b, ACC=_TL_DTYPES[u.dtype],
-        PRECISION_A=_precision(dot_a), PRECISION_B=_precision(dot_b), num_warps=c.num_warps)
+        PRECISION_A=_precision(dot_a), PRECISION_B=_precision(dot_b), num_warps=c.num_warps, num_stages=c.num_stages)
     return u
 
 
-def lora_backward(dy, x, u, a, b, mask, rows_per_mask, scaling, dx=None, config=None):
+def lora_backward(dy, x, u, a, b, mask, rows_per_mask, scaling, dx=None, config=None,
+                  half_dots=False):
     """The adapter's part of the backward, routed rows only. dy [M, N], x [M, K] (the LoRA input),
     u [M, R] from lora_forward_, a [R, K], b [N, R]. With G = m dy b: in place dx[row] += scaling *
     G a when dx [M, K] is given; returns (dA, dB) = (scaling * G^T x [R, K], scaling * dy^T u [N, R])
-    in acc_dtype(dy.dtype). config: a TileConfig (default CONFIG)."""
-    c = config or CONFIG
+    in acc_dtype(dy.dtype). config, half_dots: as for lora_forward_."""
+    c = _config(config, half_dots)
     M, N = dy.shape
     K, R = x.shape[1], u.shape[1]
     tiles = triton.cdiv(M, c.block_m)
@@ -248,6 +274,9 @@ def lora_backward(dy, x, u, a, b, mask, rows_per_mask, scaling, dx=None, config=
     acc = acc_dtype(dy.dtype)
     part = torch.empty((programs, R * K + N * R), device=dy.device, dtype=acc)
     dot_a, dot_b = _dot_dtype(dy.dtype, a.dtype, c.half_dots), _dot_dtype(dy.dtype, b.dtype, c.half_dots)
+    # The sums over rows multiply in the half dtype when both adapter products do (as autograd does
+    # for a half or autocast LoRA), else in the accumulation dtype.
+    dot_g = dot_a if dot_a == dot_b and dot_a in (tl.float16, tl.bfloat16) else _TL_DTYPES[acc]
     has_dx = dx is not None
     if not has_dx:
         dx = dy  # never read nor written (HAS_DX is off); any pointer will do
@@ -259,8 +288,8 @@ def lora_backward(dy, x, u, a, b, mask, rows_per_mask, scaling, dx=None, config=
         part.stride(0),
         HAS_DX=has_dx, BLOCK_M=c.block_m, BLOCK_K=c.block_k, BLOCK_N=c.block_n, BLOCK_R=_block_r(R),
         DOT_A=dot_a, DOT_B=dot_b, ACC=_TL_DTYPES[acc], PRECISION_A=_precision(dot_a),
-        PRECISION_B=_precision(dot_b), PRECISION_ACC=_precision(_TL_DTYPES[acc]),
-        num_warps=c.num_warps)
+        PRECISION_B=_precision(dot_b), DOT_G=dot_g, PRECISION_G=_precision(dot_g),
+        num_warps=c.num_warps, num_stages=c.num_stages)
     total = part[0] if programs == 1 else part.sum(0)
     return total[:R * K].view(R, K), total[R * K:].view(N, R)
 

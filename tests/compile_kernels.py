@@ -44,6 +44,7 @@ def routed_lora_variants():
     for (xd, wd), r in itertools.product(pairs, (4, 64)):
         acc = acc_dtype(xd)
         dot = rl._dot_dtype(xd, wd)
+        dot_g = dot if dot in (tl.float16, tl.bfloat16) else rl._TL_DTYPES[acc]
         common = dict(BLOCK_M=rl.CONFIG.block_m, BLOCK_K=rl.CONFIG.block_k, BLOCK_N=rl.CONFIG.block_n,
                       BLOCK_R=rl._block_r(r),
                       DOT_A=dot, DOT_B=dot, ACC=rl._TL_DTYPES[acc], PRECISION_A=rl._precision(dot),
@@ -57,7 +58,7 @@ def routed_lora_variants():
             yield (f"backward {tag} dx {has_dx}", rl._backward_kernel,
                    dict(dy_ptr=POINTER[xd], x_ptr=POINTER[xd], u_ptr=POINTER[acc], a_ptr=POINTER[wd],
                         b_ptr=POINTER[wd], dx_ptr=POINTER[xd], part_ptr=POINTER[acc], mask_ptr="*fp32"),
-                   dict(common, HAS_DX=has_dx, PRECISION_ACC=rl._precision(rl._TL_DTYPES[acc])))
+                   dict(common, HAS_DX=has_dx, DOT_G=dot_g, PRECISION_G=rl._precision(dot_g)))
 
 
 def gmm_variants():

@@ -97,6 +97,26 @@ def check_case(backend, shape, d_out, r, dtype, mask_kind, bias=True, adapter_dt
         assert torch.equal(got[0][off], frozen[off]), "bypassed rows differ from F.linear"
 
 
+def check_autocast(device, shape=(8, 40, 64), d_out=48, r=8):
+    """fp32 model and adapters under bf16 autocast, against the dense reference under the same
+    autocast (peft's LoRA is that computation): within the tolerance rule."""
+    p, gen = make_problem(shape, d_out, r, device=device)
+    mask = make_mask("sample", shape[0], 0, gen).to(device)
+    ref = run(routed_lora_reference_dense, p, mask, torch.float64, torch.float64)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        low = run(routed_lora_reference_dense, p, mask, torch.float32, torch.float32)
+        got = run(routed_lora_linear, p, mask, torch.float32, torch.float32)
+    assert got[0].dtype == torch.bfloat16  # autocast's dtype, as F.linear's under autocast
+    for name, g, lo, rf in zip(NAMES, got, low, ref):
+        err = (g.double() - rf).abs().max().item()
+        bound = 2 * (lo.double() - rf).abs().max().item() + ATOL[torch.bfloat16]
+        assert err <= bound, f"{name}: error {err:.3g} > bound {bound:.3g}"
+
+
+def test_autocast_matches_the_dense_reference_under_autocast():
+    check_autocast("cpu")
+
+
 def check_bypassed_do_not_touch_adapter_grads(backend, dtype=torch.float32):
     """Perturbing a bypassed sample's input leaves the adapter gradients bit-identical."""
     p, _ = make_problem((4, 70, 40), 24, 4)
@@ -152,7 +172,7 @@ def gradcheck_case(backend, shape=(3, 2, 5), d_out=4, r=2):
 
 
 # ------------------------------------------------------------------ CPU path numerics
-CASES = [  # shape, d_out, r, mask kind, bias; the Triton row tile is 64 rows
+CASES = [  # shape, d_out, r, mask kind, bias; Triton row tiles are 32 rows (CONFIG)
     ((4, 16, 123), 45, 8, "sample", True),  # odd in_features, 4 samples in one tile
     ((2, 37, 64), 123, 1, "sample", False),  # seq 37 does not divide the tile, rank 1
     ((3, 70, 32), 40, 4, "sample", True),  # tiles that mix routed and bypassed samples

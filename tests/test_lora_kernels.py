@@ -7,7 +7,7 @@ import torch
 from clear_fast.kernels import routed_lora as K
 from clear_fast.kernels.utils import interpreting
 from clear_fast.lora import RoutedLoRALinear, routed_lora_linear
-from test_lora import (CASES, check_bypassed_do_not_touch_adapter_grads, check_case,
+from test_lora import (CASES, check_autocast, check_bypassed_do_not_touch_adapter_grads, check_case,
                        check_separate_lora_input, gradcheck_case, make_problem)
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available() or interpreting(),
@@ -76,16 +76,17 @@ def test_kernels_skip_bypassed_tiles_entirely():
     assert torch.equal(dA2, dA) and torch.equal(dB2, dB)
 
 
-def _launch_both(config, dtype=torch.float32, adapter_dtype=torch.float32):
-    """Forward and backward launchers on a mixed routed/bypassed problem, and float64 expectations."""
-    p, _ = make_problem((3, 70, 96), 80, 8)
+def _launch_both(config, dtype=torch.float32, adapter_dtype=torch.float32, device="cpu", samples=3):
+    """Forward and backward launchers on a mixed routed/bypassed problem (every second sample
+    bypassed), and float64 expectations."""
+    p, _ = make_problem((samples, 70, 96), 80, 8, device=device)
     x2, dy2 = p["x"].reshape(-1, 96), p["dy"].reshape(-1, 80)
     A, B = p["lora_A"], p["lora_B"]
-    mask = torch.tensor([1.0, 0.0, 1.0])
-    keep = torch.arange(210) // 70 != 1
-    y = torch.zeros(210, 80, dtype=dtype)
+    mask = (torch.arange(samples, device=device) % 2 == 0).float()
+    keep = mask.repeat_interleave(70).bool()
+    y = torch.zeros(70 * samples, 80, dtype=dtype, device=device)
     u = K.lora_forward_(y, x2.to(dtype), A.to(adapter_dtype), B.to(adapter_dtype), mask, 70, 0.5, config)
-    dx = torch.zeros(210, 96, dtype=dtype)
+    dx = torch.zeros(70 * samples, 96, dtype=dtype, device=device)
     dA, dB = K.lora_backward(dy2.to(dtype), x2.to(dtype), u, A.to(adapter_dtype), B.to(adapter_dtype),
                              mask, 70, 0.5, dx, config)
     k = keep[:, None]
@@ -177,3 +178,30 @@ def test_cuda_torch_compile_inductor_matches_eager():
         results.append((y.detach(), xi.grad, layer.lora_A.grad.clone(), layer.lora_B.grad.clone()))
     for name, e, c in zip(("out", "grad x", "grad lora_A", "grad lora_B"), *results):
         torch.testing.assert_close(c, e, rtol=1e-4, atol=1e-4, msg=name)
+
+
+@cuda
+@pytest.mark.parametrize("config", [K.TileConfig(block_m=16, num_warps=8, num_stages=1),
+                                    K.TileConfig(block_m=32, num_warps=8, num_stages=2),
+                                    K.TileConfig(block_m=16, block_k=128, block_n=128, num_warps=8,
+                                                 num_stages=1)])
+@pytest.mark.parametrize("programs", [256, 3])  # one tile per program; runs of many tiles
+def test_cuda_tile_configs_compute_the_same(config, programs, monkeypatch):
+    monkeypatch.setattr(K, "BACKWARD_PROGRAMS", programs)
+    got, expected = _launch_both(config, device="cuda", samples=9)
+    for name, g, e in zip(("y", "dx", "dA", "dB"), got, expected):
+        torch.testing.assert_close(g.double(), e, rtol=1e-5, atol=1e-4, msg=name)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_half_dots_for_fp32_adapters(dtype):
+    got, expected = _launch_both(K.TileConfig(half_dots=True), dtype, torch.float32, device="cuda")
+    for name, g, e in zip(("y", "dx", "dA", "dB"), got, expected):
+        torch.testing.assert_close(g.double(), e, rtol=3e-2, atol=3e-2 * e.abs().max().item(), msg=name)
+
+
+@cuda
+def test_cuda_autocast_matches_the_dense_reference_under_autocast():
+    # Under autocast the kernels run the adapter products in bf16 (half_dots), as autocast runs peft's.
+    check_autocast("cuda", (8, 128, 256), 192)
