@@ -28,7 +28,7 @@ $PY -c "import clear_fast.kernels.gmm" || echo "clear_fast does not import: ever
 
 step() {  # step NAME SECONDS COMMAND...: run with a timeout, log to $LOG/NAME.log, print its tail
     local name=$1 secs=$2; shift 2
-    [[ " ${STEPS:-gpu_tests kernel_sweep host_overhead lora_table mixture_table epoch_table epoch_bf16} " == *" $name "* ]] || return 0
+    [[ " ${STEPS:-gpu_tests kernel_sweep host_overhead host_overhead_fp32 lora_table mixture_table epoch_table epoch_bf16} " == *" $name "* ]] || return 0
     echo "== $name"
     timeout "$secs" "$@" >"$LOG/$name.log" 2>&1
     echo "   exit $?"
@@ -38,10 +38,13 @@ step() {  # step NAME SECONDS COMMAND...: run with a timeout, log to $LOG/NAME.l
     tar czf "$OUT/gpu_all.tgz" -C "$LOG" .
 }
 GPU_TESTS=${GPU_TESTS:-tests/test_lora.py tests/test_lora_kernels.py tests/test_gmm_kernel.py tests/test_mixture.py}
-TAIL=15 step gpu_tests 150 $PY -m pytest $GPU_TESTS -q -p no:cacheprovider -rfE
+TAIL=15 step gpu_tests 150 $PY -m pytest $GPU_TESTS -q -p no:cacheprovider -rfE ${GPU_TESTS_ARGS:-}
 # GPU time of the routed LoRA kernels per TileConfig (CONFIG in kernels/routed_lora.py should follow it)
-step kernel_sweep 150 $PY benchmarks/lora_kernel_sweep.py
-step host_overhead 90 $PY benchmarks/host_overhead.py
+step kernel_sweep 150 $PY benchmarks/lora_kernel_sweep.py ${SWEEP_ARGS:-}
+# bf16 activations with fp32 adapters (autocast training), then fp32; --profile prints where the
+# host time goes (torch.profiler tables, bare launcher cost) into the logs only
+step host_overhead 90 $PY benchmarks/host_overhead.py --profile
+step host_overhead_fp32 90 $PY benchmarks/host_overhead.py --dtype float32 --profile
 step lora_table 90 $PY benchmarks/lora_table.py
 # sklearn at N = 1e6 alone takes over a minute (7 repeats, two thread settings): measured up to 1e5;
 # 5 repeats of 10 rows took over 60 s on an H200 (0.9 s of pauses per repeat)

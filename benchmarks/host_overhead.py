@@ -86,6 +86,68 @@ def measure(name, p, backward, calls, repeats):
             "wall_us": min(wall), "kernels_per_call": kernels, "gpu_kernel_us": gpu_us}
 
 
+def launcher_us(p, calls):
+    """Host us per call of the two Triton launchers alone (no autograd, no checks), and of
+    F.linear for scale: what a launch itself costs."""
+    from clear_fast.kernels import routed_lora as K
+    x = p["x"].reshape(-1, p["x"].shape[-1])
+    dy = p["dy"].reshape(x.shape)
+    a, b = p["lora_A"], p["lora_B"]
+    mask, rpm = torch.ones(1, device=x.device), x.shape[0]
+    y, dx = torch.zeros_like(x), torch.zeros_like(x)
+    u = K.lora_forward_(y, x, a, b, mask, rpm, 2.0)
+    fns = {"lora_forward_": lambda: K.lora_forward_(y, x, a, b, mask, rpm, 2.0),
+           "lora_backward": lambda: K.lora_backward(dy, x, u, a, b, mask, rpm, 2.0, dx),
+           "F.linear": lambda: torch.nn.functional.linear(x, p["weight"], p["bias"])}
+    out = {}
+    for name, fn in fns.items():
+        fn()
+        sync(x.device)
+        best = float("inf")
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            best = min(best, (time.perf_counter() - t0) / calls * 1e6)
+            sync(x.device)
+        out[name] = best
+    return out
+
+
+def stubbed_us(p, calls, repeats=5):
+    """Host us of a routed@1 fwd+bwd call as it is, with the backward launcher replaced by a stub
+    that launches nothing, and with both replaced: what each launch costs inside autograd (the
+    backward runs on autograd's device thread)."""
+    from clear_fast.kernels import routed_lora as K
+    M, R = p["x"].numel() // p["x"].shape[-1], p["lora_A"].shape[0]
+    u = torch.zeros(M, R, device=p["x"].device)
+    grads = (torch.zeros_like(p["lora_A"]), torch.zeros_like(p["lora_B"]))
+    real = K.lora_forward_, K.lora_backward
+    out = {}
+    try:
+        for name, fwd, bwd in (("as is", *real), ("backward stubbed", real[0], lambda *a, **k: grads),
+                               ("both stubbed", lambda *a, **k: u, lambda *a, **k: grads)):
+            K.lora_forward_, K.lora_backward = fwd, bwd
+            out[name] = measure("routed@1", p, True, calls, repeats)["host_us"]
+    finally:
+        K.lora_forward_, K.lora_backward = real
+    return out
+
+
+def profile_table(name, p, rows=20):
+    """torch.profiler's host-side table (self CPU time) of 20 fwd+bwd calls of one variant."""
+    from torch.profiler import ProfilerActivity, profile
+    fn, leaves = impl(name, p)
+    x = p["x"].detach().requires_grad_()
+    run(fn, leaves, x, p["dy"], True, 3)
+    sync(x.device)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if x.is_cuda else [])
+    with profile(activities=acts) as prof:
+        run(fn, leaves, x, p["dy"], True, 20)
+        sync(x.device)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
 def _fmt(v, digits):
     return "-" if v is None else f"{v:.{digits}f}"
 
@@ -99,6 +161,9 @@ def main(argv=None):
     ap.add_argument("--calls", type=int, default=200)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument("--profile", action="store_true",
+                    help="also print torch.profiler's host tables for routed@1 and peft fwd+bwd and "
+                         "the host cost of the bare Triton launchers (not written to the results)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
@@ -118,6 +183,14 @@ def main(argv=None):
             print(f"{r['pass']:8s} {name:15s} host {r['host_us']:8.1f} us  wall {r['wall_us']:8.1f} us"
                   f"  kernels {_fmt(r['kernels_per_call'], 0)}  GPU {_fmt(r['gpu_kernel_us'], 1)} us",
                   flush=True)
+    if args.profile:
+        if device.type == "cuda":
+            print("host us per call, bare launchers:",
+                  {k: round(v, 1) for k, v in launcher_us(p, args.calls).items()}, flush=True)
+            print("host us per routed@1 fwd+bwd:",
+                  {k: round(v, 1) for k, v in stubbed_us(p, args.calls).items()}, flush=True)
+        for name in ("routed@1", "peft"):
+            print(f"== torch.profiler, {name} fwd+bwd x 20\n{profile_table(name, p)}", flush=True)
     shape = f"{tuple(p['x'].shape)} {dtype}, width {args.width}"
     env = environment(device)
     tag = device_tag(device) + (f"_{args.dtype}" if args.dtype else "")  # default dtype: no suffix

@@ -2,14 +2,13 @@
 
     python benchmarks/lora_kernel_sweep.py
 
-The fused kernels (kernels/routed_lora.py) were timed on an H200 at about 60 us forward and 95 us
-backward of GPU time for a 32 x 128 x 768 bf16 layer with fp32 adapters, fully routed, where the
-bytes they must move take under 10 us, and they did not get faster at half routing: latency-bound
-(64 programs, each walking 24 dependent chunks with fp32 dots). This sweep times each TileConfig
-(rows per tile, chunk width, warps, half-precision dots for fp32 adapters) for the forward and the
-backward launcher alone with triton.testing.do_bench (median GPU time; the launches queue behind its
-cache flush, so the host does not bound it), after checking each against the default configuration
-(a fast wrong configuration cannot win). The floor column is bytes moved / 4.8 TB/s (H200 HBM).
+The fused kernels (kernels/routed_lora.py) are latency-bound at training sizes: a 32 x 128 x 768
+layer has a few hundred row tiles, each walking its chunks one after another, and the bytes they
+must move take under 10 us on an H200. This sweep times each TileConfig (rows per tile, chunk
+width, warps, pipelining depth, half-precision dots for fp32 adapters) for the forward and the
+backward launcher alone - GPU time per call from CUDA-graph replays (gpu_ms) - after checking each
+against the default configuration (a fast wrong configuration cannot win). The floor column is
+bytes moved / 4.8 TB/s (H200 HBM).
 
 Writes benchmarks/results/lora_kernel_sweep_<device>.{json,md}; CONFIG's defaults should follow it.
 """
@@ -28,6 +27,11 @@ from mixture_table import device_tag  # noqa: E402
 from clear_fast.kernels import routed_lora as K  # noqa: E402
 
 RANK, SCALING, SEQ = 8, 2.0, 128  # rows per sample: the mask is per sample, as in training
+# (block_m, block_k = block_n, num_warps, num_stages): the default and the ones that compile for
+# sm_90 without register spills (ptxas -v on Triton's PTX, no GPU needed; wider chunks and 4 warps
+# at 32-64 rows spill hundreds of bytes in the backward).
+SHAPES = [(64, 64, 4, 3), (64, 64, 8, 2), (32, 64, 8, 2), (32, 64, 8, 1), (16, 64, 8, 2),
+          (16, 64, 8, 1), (16, 128, 8, 1), (32, 128, 8, 1)]
 HBM = 4.8e12  # bytes/s, H200 (vendor figure); the floor is indicative on other GPUs
 
 
@@ -50,6 +54,26 @@ def floor_us(rows, width, dtype, fraction):
     return {"fwd": 3 * routed / HBM * 1e6, "bwd": 5 * routed / HBM * 1e6}
 
 
+def gpu_ms(fn, launches=20, replays=10):
+    """GPU milliseconds per call of fn: `launches` calls captured in one CUDA graph, the median of
+    `replays` timed replays. A loop of eager calls would time the host instead (a launch costs the
+    host 40-70 us, about what these kernels take); the operands stay in L2 between calls."""
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(launches):
+            fn()
+    g.replay()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        g.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / launches)
+    return sorted(times)[len(times) // 2]
+
+
 def run_config(cfg, x, dy, a, b, mask):
     y = torch.zeros_like(x)
     u = K.lora_forward_(y, x, a, b, mask, SEQ, SCALING, cfg)
@@ -67,11 +91,9 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("lora_kernel_sweep.py times compiled kernels: it needs a CUDA GPU")
-    import triton.testing
-
     device = torch.device("cuda")
-    configs = [K.TileConfig(block_m=m, block_k=kn, block_n=kn, num_warps=w, half_dots=h)
-               for m, kn, w, h in itertools.product((32, 64), (64, 128), (4, 8), (False, True))]
+    configs = [K.TileConfig(block_m=m, block_k=kn, block_n=kn, num_warps=w, num_stages=st, half_dots=h)
+               for (m, kn, w, st), h in itertools.product(SHAPES, (False, True))]
     rows = []
     for (dtype, adapter_dtype), fraction in itertools.product(
             [(torch.bfloat16, torch.float32), (torch.float32, torch.float32)], args.fractions):
@@ -95,8 +117,8 @@ def main(argv=None):
                 continue
             y, dx = torch.zeros_like(x), torch.zeros_like(x)
             u = got[4]
-            fwd = triton.testing.do_bench(lambda: K.lora_forward_(y, x, a, b, mask, SEQ, SCALING, cfg))
-            bwd = triton.testing.do_bench(lambda: K.lora_backward(dy, x, u, a, b, mask, SEQ, SCALING, dx, cfg))
+            fwd = gpu_ms(lambda: K.lora_forward_(y, x, a, b, mask, SEQ, SCALING, cfg))
+            bwd = gpu_ms(lambda: K.lora_backward(dy, x, u, a, b, mask, SEQ, SCALING, dx, cfg))
             row = {"dtype": str(dtype).replace("torch.", ""), "adapter": str(adapter_dtype).replace("torch.", ""),
                    "fraction": fraction, **cfg._asdict(), "fwd_us": fwd * 1e3, "bwd_us": bwd * 1e3,
                    "floor_fwd_us": floor["fwd"], "floor_bwd_us": floor["bwd"], "rel_err_vs_default": err,
@@ -111,13 +133,13 @@ def main(argv=None):
         json.dump({"environment": env, "rows": rows}, f, indent=1)
     lines = ["# Routed LoRA kernels: GPU time by tile configuration", "",
              f"`python benchmarks/lora_kernel_sweep.py` - {args.rows} rows x {args.width}, rank {RANK}; "
-             "triton.testing.do_bench median.", "", "Machine: " + ", ".join(f"{k} {v}" for k, v in env.items()), "",
-             "| x / adapter | fraction | block_m | block_k = block_n | warps | half dots | fwd us | bwd us | "
-             "floor fwd / bwd us | rel. error vs default |", "|---|---|---:|---:|---:|---|---:|---:|---:|---:|"]
+             "GPU time per call, CUDA-graph replays (gpu_ms).", "", "Machine: " + ", ".join(f"{k} {v}" for k, v in env.items()), "",
+             "| x / adapter | fraction | block_m | block_k = block_n | warps | stages | half dots | fwd us | bwd us | "
+             "floor fwd / bwd us | rel. error vs default |", "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
     for r in sorted(rows, key=lambda r: (r["dtype"], -r["fraction"], r["fwd_us"] + r["bwd_us"])):
         mark = " (default)" if r["default"] else ""
         lines.append(f"| {r['dtype']} / {r['adapter']} | {r['fraction']} | {r['block_m']} | {r['block_k']} | "
-                     f"{r['num_warps']} | {r['half_dots']}{mark} | {r['fwd_us']:.1f} | {r['bwd_us']:.1f} | "
+                     f"{r['num_warps']} | {r['num_stages']} | {r['half_dots']}{mark} | {r['fwd_us']:.1f} | {r['bwd_us']:.1f} | "
                      f"{r['floor_fwd_us']:.1f} / {r['floor_bwd_us']:.1f} | {r['rel_err_vs_default']:.1e} |")
     with open(os.path.join(args.out, f"lora_kernel_sweep_{tag}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
