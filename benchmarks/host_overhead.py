@@ -131,7 +131,30 @@ def stubbed_us(p, calls, repeats=5):
             out[name] = measure("routed@1", p, True, calls, repeats)["host_us"]
     finally:
         K.lora_forward_, K.lora_backward = real
+    # On a GPU autograd runs the backward on its own device thread; here on the calling thread.
+    with torch.autograd.set_multithreading_enabled(False):
+        out["as is, backward on the calling thread"] = measure("routed@1", p, True, calls, repeats)["host_us"]
     return out
+
+
+def python_profile(name, p, calls, rows=25):
+    """cProfile of `calls` fwd+bwd calls with the backward on the calling thread (cProfile sees
+    one thread only): the Python functions the host time goes to, by own time."""
+    import cProfile
+    import io
+    import pstats
+    fn, leaves = impl(name, p)
+    x = p["x"].detach().requires_grad_()
+    with torch.autograd.set_multithreading_enabled(False):
+        run(fn, leaves, x, p["dy"], True, 3)
+        prof = cProfile.Profile()
+        prof.enable()
+        run(fn, leaves, x, p["dy"], True, calls)
+        sync(x.device)
+        prof.disable()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(rows)
+    return buf.getvalue()
 
 
 def profile_table(name, p, rows=20):
@@ -191,6 +214,8 @@ def main(argv=None):
                   {k: round(v, 1) for k, v in stubbed_us(p, args.calls).items()}, flush=True)
         for name in ("routed@1", "peft"):
             print(f"== torch.profiler, {name} fwd+bwd x 20\n{profile_table(name, p)}", flush=True)
+        print(f"== cProfile, routed@1 fwd+bwd x {args.calls}\n{python_profile('routed@1', p, args.calls)}",
+              flush=True)
     shape = f"{tuple(p['x'].shape)} {dtype}, width {args.width}"
     env = environment(device)
     tag = device_tag(device) + (f"_{args.dtype}" if args.dtype else "")  # default dtype: no suffix
