@@ -4,7 +4,7 @@
 
 MiniLM-sized random model, batch 32, length 64; a small synthetic split for the epoch and the pass.
 Variants and method as in benchmarks/epoch_table.py, which prints the full table with ratios. The
-shared-prefix pass prototype is checked against independent passes before it is timed.
+shared-prefix pass (the default) is checked against separate passes before it is timed.
 """
 import os
 import sys
@@ -14,7 +14,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from epoch_table import (GAMMA, NOISE_RATES, base_classifier, build, epoch_parts, make_run,  # noqa: E402
-                         predict_naive, predict_shared_prefix, step_cases, sync, synthetic_split)
+                         predict_naive, predict_with, step_cases, sync, synthetic_split)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SEQ, SAMPLES = 64, 64
@@ -66,16 +66,16 @@ def test_epoch(benchmark, base, split, kind, source):
 def pass_run(base, split):
     model, router = build("clear-lora", base, DEVICE)
     run = make_run("clear-lora", model, router, DEVICE, split)
-    ref, _ = predict_shared_prefix(run, split, GAMMA, share=False, seed=5)
-    shared, _ = predict_shared_prefix(run, split, GAMMA, share=True, seed=5)
+    ref = predict_with(run, split, shared=False, seed=5)
+    shared = predict_with(run, split, shared=True, seed=5)
     torch.testing.assert_close(shared, ref, rtol=1e-4, atol=1e-4)  # a fast wrong pass cannot win
     return run
 
 
-@pytest.mark.parametrize("impl", ["naive", "run.predict", "shared-prefix"])
+@pytest.mark.parametrize("impl", ["naive", "separate-passes", "shared-prefix"])
 def test_clean_probability_pass(benchmark, pass_run, split, impl):
     benchmark.group = f"clean-probability pass (2 passes), minilm L{SEQ}, {SAMPLES} samples"
     fn = {"naive": lambda: predict_naive(pass_run, split, GAMMA),
-          "run.predict": lambda: pass_run.predict(split, GAMMA, 2, "pass"),
-          "shared-prefix": lambda: predict_shared_prefix(pass_run, split, GAMMA)}[impl]
+          "separate-passes": lambda: predict_with(pass_run, split, False),
+          "shared-prefix": lambda: predict_with(pass_run, split, True)}[impl]
     benchmark.pedantic(_synced(fn), rounds=ROUNDS, warmup_rounds=1)

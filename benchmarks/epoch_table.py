@@ -27,8 +27,9 @@ Sections:
           predict) on models built here; the reference runs Run.train_epoch and Run.predict (E = 2
           passes, so it gets this project's batching: inference mode, length-sorted, eval batch 128)
           with sklearn's mixture.
-  pass    where the clean-probability pass spends its time and prototypes that cut it (see
-          predict_shared_prefix), each checked against the current pass before it is timed.
+  pass    where the clean-probability pass spends its time, by implementation: a naive loop, the
+          passes one after another, and the shared-prefix pass (Run.predict's default), checked
+          against separate passes with the same masks before it is timed.
 
 Writes benchmarks/results/epoch_<cpu|gpu name>.json and .md with the machine, versions, date, load.
 """
@@ -47,7 +48,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from mixture_table import device_tag, machine  # noqa: E402
-from reference import _encoder_layers, released_lora_reference, sklearn_clean_probability  # noqa: E402
+from reference import released_lora_reference, sklearn_clean_probability  # noqa: E402
 
 from clear_fast.config import TrainConfig  # noqa: E402
 from clear_fast.losses import clear_loss  # noqa: E402
@@ -287,61 +288,36 @@ def epoch_cases(noise_rates):
     return cases
 
 
-# ----------------------------------------------------------------------------- the pass: prototypes
-class _PrefixSharedLayer(torch.nn.Module):
-    """Runs one encoder layer on the rows that need it and copies the others from pass 0's row."""
-
-    def __init__(self, layer, modules, mask, rows, copied, n):
-        super().__init__()
-        self.layer, self.modules_, self.mask, self.rows, self.copied, self.n = layer, modules, mask, rows, copied, n
-
-    def forward(self, hidden_states, attention_mask=None, *args, **kwargs):
-        sub = hidden_states.index_select(0, self.rows)
-        if attention_mask is not None and attention_mask.shape[0] == hidden_states.shape[0]:
-            attention_mask = attention_mask.index_select(0, self.rows)
-        for m in self.modules_:
-            m.routing_mask = self.mask.index_select(0, self.rows)
-        y = self.layer(sub, attention_mask, *args, **kwargs)
-        out = hidden_states.new_empty(hidden_states.shape).index_copy_(0, self.rows, y)
-        return out.index_copy_(0, self.copied, out.index_select(0, self.copied % self.n))
-
-
-@torch.inference_mode()
-def predict_shared_prefix(run, split, gamma, passes=2, share=True, seed=None):
-    """Run.predict's E-pass ensemble in one batch of E x B rows that shares the passes' common
-    prefix: a row of pass e > 0 equals pass 0's row of the same sample up to the first layer where
-    its routing mask differs, so it is computed only from that layer on (before it: a copy).
-    Exact: the logits of E independent passes with the same masks (share=False computes exactly
-    those, the check). One host sync per batch (which rows each layer computes), none per layer.
-    For clear_fast's routed model (run.router holds the RoutedLoRALinear modules per layer)."""
-    run.model.eval()
-    device, router = run.device, run.router
-    layers = _encoder_layers(run.model)
-    L, originals = len(layers), list(layers)
-    gen = None if seed is None else torch.Generator(device=device).manual_seed(seed)
-    out = torch.zeros(len(split), NUM_LABELS, device=device)
-    computed = 0
+# ----------------------------------------------------------------------------- the pass
+def predict_with(run, split, shared, seed=None):
+    """Run.predict's 2-pass clean-probability pass with the shared-prefix pass on or off (off: the
+    passes one after another), from the given random seed (None: as the stream stands)."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    before = run._share_prefix
+    run._share_prefix = shared and run.router.layer_paths is not None
     try:
-        for batch in split.sorted_batches(run.cfg.eval_batch_size, device):
-            n = batch["input_ids"].shape[0]
-            masks = draw_routing_masks(torch.full((passes * n,), gamma, device=device), L, generator=gen)
-            # same[e*n + j, l]: row j of pass e has had pass 0's masks in layers 0..l
-            same = (masks.view(passes, n, L) == masks[:n]).cummin(2).values.view(passes * n, L)
-            need = (~same if share else torch.ones_like(same)).cpu()
-            need[:n] = True  # pass 0's rows are always computed
-            computed += int(need.sum())
-            for l in range(L):
-                rows = need[:, l].nonzero().squeeze(1).to(device)
-                copied = (~need[:, l]).nonzero().squeeze(1).to(device)
-                layers[l] = _PrefixSharedLayer(originals[l], router.layers[l], masks[:, l], rows, copied, n)
-            logits = run._logits({"input_ids": batch["input_ids"].repeat(passes, 1),
-                                  "attention_mask": batch["attention_mask"].repeat(passes, 1)})
-            out[batch["index"].to(device)] += logits.view(passes, n, -1).sum(0)
+        return run.predict(split, GAMMA, 2, "pass")
     finally:
-        for l in range(L):
-            layers[l] = originals[l]
-        router.set_masks(None)
-    return out / passes, computed / (passes * len(split) * L)
+        run._share_prefix = before
+
+
+@contextlib.contextmanager
+def counted_shared_rows():
+    """Counts [computed rows, all rows] over the layer calls of shared-prefix passes inside."""
+    from clear_fast import model as model_module
+    counts, forward = [0, 0], model_module._SharedPrefixLayer.forward
+
+    def counting(self, *args, **kwargs):
+        counts[0] += len(self.rows)
+        counts[1] += self.total
+        return forward(self, *args, **kwargs)
+
+    model_module._SharedPrefixLayer.forward = counting
+    try:
+        yield counts
+    finally:
+        model_module._SharedPrefixLayer.forward = forward
 
 
 @torch.no_grad()
@@ -359,22 +335,24 @@ def predict_naive(run, split, gamma, passes=2):
 
 
 def pass_profile(base, device, train, repeats, bf16_variant=True):
-    """Seconds of the 2-pass clean-probability pass by implementation, the shared-prefix prototype
-    checked against independent passes with the same masks, and the top ops of the current pass."""
+    """Seconds of the 2-pass clean-probability pass by implementation, the shared-prefix pass (the
+    default) checked against separate passes with the same masks, and the top ops of the pass."""
     model, router = build("clear-lora", base, device)
     run = make_run("clear-lora", model, router, device, train)
-    ref, _ = predict_shared_prefix(run, train, GAMMA, share=False, seed=5)
-    shared, work = predict_shared_prefix(run, train, GAMMA, share=True, seed=5)
+    ref = predict_with(run, train, shared=False, seed=5)
+    with counted_shared_rows() as counts:
+        shared = predict_with(run, train, shared=True, seed=5)
+    work = counts[0] / max(counts[1], 1)
     max_diff = float((ref - shared).abs().max())
     if not max_diff < 1e-3:
-        raise AssertionError(f"the shared-prefix pass differs from independent passes by {max_diff}")
+        raise AssertionError(f"the shared-prefix pass differs from separate passes by {max_diff}")
     impls = {"naive (no_grad, dataset order, batch 32)": lambda: predict_naive(run, train, GAMMA),
-             "Run.predict (inference_mode, sorted, batch 128)": lambda: run.predict(train, GAMMA, 2, "p"),
-             "shared prefix (prototype, exact)": lambda: predict_shared_prefix(run, train, GAMMA)}
+             "separate passes (inference_mode, sorted, batch 128)": lambda: predict_with(run, train, False),
+             "shared prefix (Run.predict's default, exact)": lambda: predict_with(run, train, True)}
     if bf16_variant:
         run16 = make_run("clear-lora", model, router, device, train, bf16=True)
-        impls["Run.predict + bf16 autocast"] = lambda: run16.predict(train, GAMMA, 2, "p")
-        impls["shared prefix + bf16 autocast"] = lambda: predict_shared_prefix(run16, train, GAMMA)
+        impls["separate passes + bf16 autocast"] = lambda: predict_with(run16, train, False)
+        impls["shared prefix + bf16 autocast"] = lambda: predict_with(run16, train, True)
     times = {k: [] for k in impls}
     for rep in range(1 + repeats):
         for k, fn in impls.items():

@@ -71,6 +71,10 @@ class TrainConfig:
     num_epochs: int = _f(6, "training epochs (warm-up included)")
     batch_size: int = _f(32, "training batch size")
     eval_batch_size: int = _f(128, "batch size of no-grad passes")
+    shared_prefix_pass: bool = _f(True, "run the clean-probability pass's ensemble passes as one batch that "
+                                  "computes a sample's layers in pass e > 0 only from the first layer whose "
+                                  "mask differs from pass 0's (same masks and logits as separate passes up "
+                                  "to rounding; ensemble_passes x eval_batch_size rows per forward)")
     seed: int = _f(0, "seed of initialisation, data order and routing")
     device: str = _f("auto", "auto | cpu | cuda")
     bf16: bool = _f(False, "bf16 autocast (GPU)")

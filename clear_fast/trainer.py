@@ -10,6 +10,7 @@ import io as _io
 import json
 import platform
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from .config import TrainConfig
 from .losses import clear_loss
 from .mixture import clean_probability
 from .model import (HeadShield, draw_routing_masks, inject_routed_lora, load_classifier, save_peft_adapter,
-                    sentence_embeddings)
+                    sentence_embeddings, shared_prefix_passes)
 
 ROUTED_METHODS = ("clear-lora", "oracle-lora")
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "results.json")
@@ -78,7 +79,7 @@ class Run:
             if not (self.out / "checkpoint.pt").exists():
                 raise ValueError(f"--resume: no checkpoint in {self.out} to resume from")
             saved = TrainConfig.saved_with_defaults(json.loads((self.out / "config.json").read_text()))
-            ignore = {"resume", "overwrite", "progress", "plots"}
+            ignore = {"resume", "overwrite", "progress", "plots", "shared_prefix_pass"}  # no effect on results
             diff = sorted(k for k, v in self.cfg.to_dict().items() if k not in ignore and saved.get(k) != v)
             if diff:
                 raise ValueError(f"--resume: the run in {self.out} was made with different settings: "
@@ -149,6 +150,10 @@ class Run:
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.forward_model = torch.compile(model) if cfg.compile else model
+        # The shared-prefix pass swaps layers per batch, which a compiled model would recompile for.
+        self._share_prefix = (cfg.shared_prefix_pass and not cfg.compile and router is not None
+                              and router.layer_paths is not None)
+        self._share_prefix_checked = False
 
     # -- pieces of an epoch -----------------------------------------------------------------
     def _route(self, p_batch):
@@ -203,6 +208,8 @@ class Run:
         self.model.eval()
         out = torch.zeros(len(split), len(self.label_names), device=self.device)
         batches = list(split.sorted_batches(self.cfg.eval_batch_size, self.device))  # padded once, not per pass
+        if self._share_prefix and gamma is not None and passes > 1:
+            return self._predict_shared(batches, out, gamma, passes, desc)
         for _ in range(passes):
             for batch in tqdm(batches, desc=desc, leave=False, disable=not self.cfg.progress):
                 n = len(batch["index"])
@@ -210,6 +217,62 @@ class Run:
                 out[batch["index"].to(self.device)] += self._logits(batch)
         self._route(None)
         return out / passes
+
+    def _predict_shared(self, batches, out, gamma, passes, desc):
+        """predict's passes run together, sharing their common prefix (model.shared_prefix_passes).
+        The masks are drawn first, in the order the passes run one after another draw them: the
+        same random stream, so the same masks as separate passes. A few samples of the run's first
+        batch are also computed as separate passes and compared; on a difference (a layer whose
+        arguments the sharing cannot split by sample) the run goes back to separate passes, with a
+        warning."""
+        L = self.router.num_layers
+        draws = [[draw_routing_masks(torch.full((len(b["index"]),), gamma, device=self.device), L) for b in batches]
+                 for _ in range(passes)]
+        for k, batch in enumerate(tqdm(batches, desc=desc, leave=False, disable=not self.cfg.progress)):
+            masks = [d[k] for d in draws]
+            logits = self._shared_logits(batch, masks) if self._share_prefix else None
+            if logits is None:
+                logits = sum(self._masked_logits(batch, m) for m in masks)
+            out[batch["index"].to(self.device)] += logits
+        self._route(None)
+        return out / passes
+
+    def _masked_logits(self, batch, masks):
+        self.router.set_masks(masks)
+        return self._logits(batch)
+
+    def _shared_logits(self, batch, masks, check_samples=8):
+        """Summed logits of the passes with these masks from one shared-prefix forward; None (and
+        sharing off for the run) when it fails or, on the run's first batch, when its first
+        check_samples samples disagree with separate passes."""
+        if not self._share_prefix_checked:
+            self._share_prefix_checked = True
+            few = {k: batch[k][:check_samples] for k in ("input_ids", "attention_mask")}
+            few_masks = [m[:check_samples] for m in masks]
+            try:
+                got = self._shared_forward(few, few_masks)
+            except Exception as e:  # a layer the sharing cannot drive
+                return self._stop_sharing(f"{type(e).__name__}: {e}")
+            want = sum(self._masked_logits(few, m) for m in few_masks)
+            err = float((got - want).abs().max())
+            if not err <= 1e-3 * (1 + float(want.abs().max())):
+                return self._stop_sharing(f"its logits differ from separate passes by {err:.3g}")
+        try:
+            return self._shared_forward(batch, masks)
+        except Exception as e:
+            return self._stop_sharing(f"{type(e).__name__}: {e}")
+
+    def _shared_forward(self, batch, masks):
+        passes, n = len(masks), batch["input_ids"].shape[0]
+        rows = {k: batch[k].repeat(passes, 1) for k in ("input_ids", "attention_mask")}
+        with shared_prefix_passes(self.model, self.router, torch.cat(masks), passes):
+            return self._logits(rows).view(passes, n, -1).sum(0)
+
+    def _stop_sharing(self, why):
+        self._share_prefix = False
+        warnings.warn(f"clean-probability pass: the shared-prefix pass is off for this run ({why}); "
+                      "running the ensemble passes one after another")
+        return None
 
     def evaluate(self, split):
         if split is None:

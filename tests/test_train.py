@@ -283,6 +283,99 @@ def test_compiled_model_trains_and_matches_eager(tiny_models, toy_files, tmp_pat
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
 
 
+def _run_with_live_adapters(tiny_models, toy_files, out, arch="bert", *extra):
+    """A loaded clear-lora Run whose adapters change the output (lora_B is zero at initialisation)."""
+    run = Run(parse_config(cli(tiny_models[arch], toy_files, out, "--no-plots", "--eval-batch-size", "48",
+                               *extra)))
+    run.load()
+    torch.manual_seed(0)
+    for module in run.router.modules():
+        torch.nn.init.normal_(module.lora_B, std=5.0)
+    return run
+
+
+def _predict(run, seed, passes=3):
+    torch.manual_seed(seed)
+    return run.predict(run.train, 0.6, passes, "pass")
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta", "distilbert"])
+def test_shared_prefix_pass_equals_separate_passes(tiny_models, toy_files, tmp_path, arch, monkeypatch):
+    """The ensemble passes run together with shared prefixes give the logits of the passes run one
+    after another (same random stream, so the same masks), computing fewer rows in later layers."""
+    import clear_fast.model as model_module
+
+    run = _run_with_live_adapters(tiny_models, toy_files, tmp_path / arch, arch)
+    computed = []
+    forward = model_module._SharedPrefixLayer.forward
+
+    def counting(self, hidden_states, *args, **kwargs):
+        computed.append((len(self.rows), self.total))
+        return forward(self, hidden_states, *args, **kwargs)
+
+    monkeypatch.setattr(model_module._SharedPrefixLayer, "forward", counting)
+    shared = _predict(run, seed=1)
+    assert run._share_prefix and run._share_prefix_checked
+    assert sum(r for r, _ in computed) < sum(t for _, t in computed)  # some rows were copied
+    run._share_prefix = False
+    separate = _predict(run, seed=1)
+    err = float((shared - separate).abs().max())
+    other_masks = float((separate - _predict(run, seed=2)).abs().max())
+    assert err < 1e-6 and other_masks > 100 * err + 1e-4, (err, other_masks)  # other masks differ: a real check
+
+
+def test_layer_paths_only_for_one_list_of_layers():
+    """The shared-prefix pass needs the routed layers as entries of one nn.ModuleList; elsewhere
+    layer_paths is None and the pass runs its ensemble passes one after another."""
+    from torch import nn
+
+    from clear_fast.model import inject_routed_lora
+
+    def block():
+        return nn.ModuleDict({"query": nn.Linear(4, 4), "value": nn.Linear(4, 4)})
+
+    class Encoder(nn.Module):
+        base_model_prefix = "backbone"
+
+        def __init__(self, two_lists):
+            super().__init__()
+            self.backbone = nn.Module()
+            self.backbone.encoder = nn.Module()
+            self.backbone.encoder.layer = nn.ModuleList([block(), block()])
+            if two_lists:
+                self.backbone.decoder = nn.Module()
+                self.backbone.decoder.layer = nn.ModuleList([block(), block(), block()])
+
+    router = inject_routed_lora(Encoder(False), ["query", "value"], 2, 2)
+    assert router.layer_paths == ["backbone.encoder.layer.0", "backbone.encoder.layer.1"]
+    assert inject_routed_lora(Encoder(True), ["query", "value"], 2, 2).layer_paths is None
+
+
+@pytest.mark.parametrize("fault", ["raises", "wrong"])
+def test_shared_prefix_pass_falls_back_to_separate_passes(tiny_models, toy_files, tmp_path, fault, monkeypatch):
+    """A layer the sharing cannot drive (an error, or logits that differ on the first batch's check):
+    a warning, separate passes for the rest of the run, and still the right logits."""
+    import clear_fast.model as model_module
+
+    run = _run_with_live_adapters(tiny_models, toy_files, tmp_path / fault)
+    run._share_prefix = False
+    separate = _predict(run, seed=1)
+    run._share_prefix = True
+    forward = model_module._SharedPrefixLayer.forward
+
+    def faulty(self, hidden_states, *args, **kwargs):
+        if fault == "raises":
+            raise TypeError("unexpected layer argument")
+        out = forward(self, hidden_states, *args, **kwargs)
+        return (out[0] * 1.5, *out[1:]) if isinstance(out, tuple) else out * 1.5
+
+    monkeypatch.setattr(model_module._SharedPrefixLayer, "forward", faulty)
+    with pytest.warns(UserWarning, match="shared-prefix pass is off"):
+        got = _predict(run, seed=1)
+    assert not run._share_prefix
+    torch.testing.assert_close(got, separate, rtol=1e-5, atol=1e-5)
+
+
 def test_clean_detection_per_class_figures_by_hand():
     from clear_fast.metrics import clean_detection
 
