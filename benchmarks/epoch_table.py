@@ -2,6 +2,7 @@
 
     python benchmarks/epoch_table.py             # MiniLM and BERT-base sizes, lengths 64 and 128
     python benchmarks/epoch_table.py --quick     # MiniLM, length 64, few steps (as bench_epoch.py)
+    python benchmarks/epoch_table.py --compile reduce-overhead   # steps of compiled models (CUDA graphs)
 
 Random-weight BertForSequenceClassification models built from configs (no download), batch 32,
 routed fractions gamma x (1 - noise rate) for noise 0.2 and 0.4 (gamma 0.85). Variants:
@@ -50,7 +51,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from mixture_table import device_tag, machine  # noqa: E402
 from reference import released_lora_reference, sklearn_clean_probability  # noqa: E402
 
-from clear_fast.config import TrainConfig  # noqa: E402
+from clear_fast.config import COMPILE_MODES, TrainConfig  # noqa: E402
 from clear_fast.losses import clear_loss  # noqa: E402
 from clear_fast.mixture import clean_probability  # noqa: E402
 from clear_fast.model import draw_routing_masks, inject_routed_lora  # noqa: E402
@@ -107,11 +108,13 @@ def clean_flags(n, noise, seed):
     return flags
 
 
-def make_run(kind, model, router, device, train=None, test=None, source="pass", bf16=False):
-    """A trainer Run around a model built here (Run.load's data and model loading skipped)."""
+def make_run(kind, model, router, device, train=None, test=None, source="pass", bf16=False, compile_mode=None):
+    """A trainer Run around a model built here (Run.load's data and model loading skipped);
+    compile_mode: torch.compile the forward in that mode, as --compile --compile-mode do."""
     method = "clear-lora" if kind in ("clear-lora", "reference") else "lora"
     cfg = TrainConfig(method=method, clean_prob_source=source, progress=False, device=device.type,
-                      bf16=bf16, batch_size=BATCH, output_dir=tempfile.gettempdir()).validate()
+                      bf16=bf16, compile=compile_mode is not None, compile_mode=compile_mode or "default",
+                      batch_size=BATCH, output_dir=tempfile.gettempdir()).validate()
     run = Run(cfg)
     run.attach_model(model, router)
     run.train, run.test, run.dev = train, test, None
@@ -160,7 +163,7 @@ def step_fn(run, batch, p_route, teacher):
     return step
 
 
-def step_cases(base, device, seq, bf16):
+def step_cases(base, device, seq, bf16, compile_mode=None):
     """{label: (run, step callable)} for every variant and routed fraction, on one fixed batch."""
     g = torch.Generator().manual_seed(1)
     batch = {"input_ids": torch.randint(1000, VOCAB, (BATCH, seq), generator=g).to(device),
@@ -170,7 +173,7 @@ def step_cases(base, device, seq, bf16):
     cases = {}
     for kind in VARIANTS:
         model, router = build(kind, base, device)
-        run = make_run(kind, model, router, device, bf16=bf16)
+        run = make_run(kind, model, router, device, bf16=bf16, compile_mode=compile_mode)
         if kind in ("clear-lora", "reference"):
             # The reference's cost does not depend on the routed fraction: timed at one.
             for noise in NOISE_RATES if kind == "clear-lora" else NOISE_RATES[:1]:
@@ -386,7 +389,7 @@ def run_all(args, device, save=lambda result: None):
     for name in args.models:
         base = base_classifier(name)
         for seq in args.lengths:
-            cases = step_cases(base, device, seq, args.bf16)
+            cases = step_cases(base, device, seq, args.bf16, args.compile)
             times = time_steps(cases, device, args.repeats)
             mem = {k: step_memory(run, fn, device) for k, (run, fn) in cases.items()}
             row = {"model": name, "seq": seq, "ms": {k: 1e3 * v for k, v in times.items()}, "memory": mem,
@@ -542,6 +545,10 @@ def parse_args(argv=None):
     ap.add_argument("--repeats", type=int, default=None, help="step repeats (default 10 CPU, 30 GPU)")
     ap.add_argument("--pass-repeats", type=int, default=3)
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast in every variant (GPU)")
+    ap.add_argument("--compile", default=None, metavar="MODE", choices=COMPILE_MODES,
+                    help="torch.compile every variant's forward in this mode (the CLI's --compile "
+                         "--compile-mode); steps only: the epoch sections are skipped (their batches "
+                         "change shape, which recompiles)")
     ap.add_argument("--clock", choices=list(CLOCK), default="wall", help="CPU timer (see CLOCK)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -551,7 +558,7 @@ def parse_args(argv=None):
         args.models, args.lengths, args.epoch_samples = ["minilm"], [64], min(args.epoch_samples, 128)
         args.repeats, args.pass_repeats = args.repeats or 3, 1
     args.repeats = args.repeats or (30 if args.device.startswith("cuda") else 10)
-    args.epoch_models = args.epoch_models or args.models
+    args.epoch_models = [] if args.compile else args.epoch_models or args.models
     args.epoch_lengths = args.epoch_lengths or args.lengths
     return args
 
@@ -581,7 +588,8 @@ def main(argv=None):
     info.update(transformers=transformers.__version__, peft=peft.__version__, clock=args.clock,
                 torch_threads=torch.get_num_threads(), commit=_commit())
     print(json.dumps(info), flush=True)
-    stem = device_tag(device) + ("_bf16" if args.bf16 else "")  # bf16 figures beside the fp32 ones
+    # bf16 and compiled figures beside the plain ones
+    stem = device_tag(device) + ("_bf16" if args.bf16 else "") + (f"_compile_{args.compile}" if args.compile else "")
     os.makedirs(args.out, exist_ok=True)
     base = os.path.join(args.out, f"epoch_{stem}")
     command = "python benchmarks/epoch_table.py " + " ".join(sys.argv[1:] if argv is None else argv)

@@ -14,6 +14,7 @@ METHODS = ("clear-lora", "lora", "full", "oracle-lora")
 EVAL_ROUTING = ("all-on", "stochastic")
 HEAD_ROUTING = ("all", "routed")
 CLEAN_PROB_SOURCES = ("pass", "train-steps")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 # Learning rates chosen per method family (see README "Defaults"); --learning-rate overrides.
 DEFAULT_LR = {"clear-lora": 1e-2, "lora": 1e-2, "oracle-lora": 1e-2, "full": 3e-4}
@@ -79,6 +80,9 @@ class TrainConfig:
     device: str = _f("auto", "auto | cpu | cuda")
     bf16: bool = _f(False, "bf16 autocast (GPU)")
     compile: bool = _f(False, "torch.compile the model")
+    compile_mode: str = _f("default", "torch.compile mode with --compile: default | reduce-overhead (CUDA "
+                           "graphs on a GPU: a step's kernels replayed without the host launching each) | "
+                           "max-autotune | max-autotune-no-cudagraphs")
     # output
     output_dir: str = _f("runs/default", "where outputs go")
     overwrite: bool = _f(False, "replace an existing run in --output-dir")
@@ -116,6 +120,8 @@ class TrainConfig:
             bad.append(f"--eval-routing {self.eval_routing!r} is not one of {', '.join(EVAL_ROUTING)}")
         if self.head_routing not in HEAD_ROUTING:
             bad.append(f"--head-routing {self.head_routing!r} is not one of {', '.join(HEAD_ROUTING)}")
+        if self.compile_mode not in COMPILE_MODES:
+            bad.append(f"--compile-mode {self.compile_mode!r} is not one of {', '.join(COMPILE_MODES)}")
         if self.clean_prob_source not in CLEAN_PROB_SOURCES:
             bad.append(f"--clean-prob-source {self.clean_prob_source!r} is not one of "
                        f"{', '.join(CLEAN_PROB_SOURCES)}")

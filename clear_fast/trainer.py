@@ -149,7 +149,7 @@ class Run:
         self.head_shield = HeadShield(model) if cfg.head_routing == "routed" and self.routed else None
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.forward_model = torch.compile(model) if cfg.compile else model
+        self.forward_model = torch.compile(model, mode=cfg.compile_mode) if cfg.compile else model
         # The shared-prefix pass swaps layers per batch, which a compiled model would recompile for.
         self._share_prefix = (cfg.shared_prefix_pass and not cfg.compile and router is not None
                               and router.layer_paths is not None)

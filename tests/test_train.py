@@ -213,6 +213,7 @@ def test_layer_index_from_module_names():
     (["--batch-size", "0"], "batch-size"),
     (["--num-epochs", "-1"], "num-epochs"),
     (["--method", "magic"], "method"),
+    (["--compile", "--compile-mode", "fast"], "compile-mode"),
 ])
 def test_bad_flags_give_clear_errors(flags, message, capsys):
     assert main(["--no-progress"] + flags) == 2
