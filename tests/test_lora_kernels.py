@@ -156,9 +156,11 @@ def test_cuda_path_never_syncs_with_the_host():
 
 
 @cuda
-def test_cuda_torch_compile_inductor_matches_eager():
-    """torch.compile (inductor) of a model with the routed layer on the GPU: the Triton kernels run
-    inside the compiled graph as custom ops; outputs and gradients equal eager's."""
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_cuda_torch_compile_inductor_matches_eager(mode):
+    """torch.compile (inductor; reduce-overhead: CUDA graphs) of a model with the routed layer on the
+    GPU: the Triton kernels run inside the compiled graph as custom ops; outputs and gradients equal
+    eager's, also on the replays that follow a graph's recording."""
     torch.manual_seed(0)
     layer = RoutedLoRALinear(64, 48, r=8).cuda()
     torch.nn.init.normal_(layer.lora_B)
@@ -169,15 +171,19 @@ def test_cuda_torch_compile_inductor_matches_eager():
 
     x = torch.randn(4, 70, 64, device="cuda")
     m = torch.tensor([1.0, 0.0, 1.0, 0.0], device="cuda")
-    results = []
-    for model in (net, torch.compile(net)):
+    def run(model):
         layer.zero_grad()
         xi = x.clone().requires_grad_()
         y = model(xi, m)
         y.sum().backward()
-        results.append((y.detach(), xi.grad, layer.lora_A.grad.clone(), layer.lora_B.grad.clone()))
-    for name, e, c in zip(("out", "grad x", "grad lora_A", "grad lora_B"), *results):
-        torch.testing.assert_close(c, e, rtol=1e-4, atol=1e-4, msg=name)
+        return y.detach().clone(), xi.grad, layer.lora_A.grad.clone(), layer.lora_B.grad.clone()
+
+    expected = run(net)
+    compiled = torch.compile(net, mode=mode)
+    for _ in range(3):  # reduce-overhead records CUDA graphs on the first calls, then replays them
+        got = run(compiled)
+        for name, e, c in zip(("out", "grad x", "grad lora_A", "grad lora_B"), expected, got):
+            torch.testing.assert_close(c, e, rtol=1e-4, atol=1e-4, msg=name)
 
 
 @cuda
