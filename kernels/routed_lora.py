@@ -28,7 +28,7 @@ with m != 0.
 
 Precision: products accumulate in fp32 (fp64 for fp64 inputs). The products with A and B cast
 both operands explicitly to one dot dtype: the activation dtype when the adapter has the same half
-dtype (tensor cores), else fp32 with IEEE precision (fp32 adapters with half activations) unless
+dtype (tensor cores), else fp32 (IEEE, or TF32 where torch's fp32 matmul precision allows it) unless
 half_dots is set, as the layer does under autocast: then the half dtype, which is what autocast does
 to peft's LoRA. The adapter-gradient sums multiply in that half dtype when both products do, else
 in fp32. Triton's interpreter gets bf16 dots wrong, so under TRITON_INTERPRET=1 bf16 dots run in
@@ -88,8 +88,11 @@ def _dot_dtype(a, b, half_dots=False):
 
 
 def _precision(dot_dtype):
-    # fp32 dots must not silently become TF32: torch's fp32 matmuls are IEEE by default.
-    return "ieee" if dot_dtype in (tl.float32, tl.float64) else None
+    """fp32 dots follow torch's setting for fp32 matmuls, as cuBLAS (and so peft's LoRA) does: IEEE
+    by default, TF32 after torch.set_float32_matmul_precision("high" or "medium"). Never silently TF32."""
+    if dot_dtype == tl.float32:
+        return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    return "ieee" if dot_dtype == tl.float64 else None
 
 
 def _block_r(r):

@@ -40,16 +40,23 @@ def build(fn, pointers, constexprs):
 
 def routed_lora_variants():
     """(name, fn, pointers, constexprs) for each kernel, the launchers' own dtype choices."""
-    pairs = [(d, d) for d in POINTER] + [(torch.bfloat16, torch.float32), (torch.float16, torch.float32)]
-    for (xd, wd), r in itertools.product(pairs, (4, 64)):
+    # (x dtype, adapter dtype, mode): half dots for fp32 adapters under autocast; TF32 fp32 dots
+    # where torch's fp32 matmul precision allows them
+    cases = ([(d, d, None) for d in POINTER] + [(h, torch.float32, m) for h in (torch.bfloat16, torch.float16)
+                                                for m in (None, "half_dots")]
+             + [(torch.float32, torch.float32, "tf32")])
+    for (xd, wd, mode), r in itertools.product(cases, (4, 64)):
         acc = acc_dtype(xd)
-        dot = rl._dot_dtype(xd, wd)
+        dot = rl._dot_dtype(xd, wd, mode == "half_dots")
         dot_g = dot if dot in (tl.float16, tl.bfloat16) else rl._TL_DTYPES[acc]
+        precision, precision_g = rl._precision(dot), rl._precision(dot_g)
+        if mode == "tf32":
+            precision = precision_g = "tf32"
         common = dict(BLOCK_M=rl.CONFIG.block_m, BLOCK_K=rl.CONFIG.block_k, BLOCK_N=rl.CONFIG.block_n,
                       BLOCK_R=rl._block_r(r),
-                      DOT_A=dot, DOT_B=dot, ACC=rl._TL_DTYPES[acc], PRECISION_A=rl._precision(dot),
-                      PRECISION_B=rl._precision(dot))
-        tag = f"x {xd} w {wd} r {r}"
+                      DOT_A=dot, DOT_B=dot, ACC=rl._TL_DTYPES[acc], PRECISION_A=precision,
+                      PRECISION_B=precision)
+        tag = f"x {xd} w {wd} r {r}" + (f" {mode}" if mode else "")
         yield (f"forward {tag}", rl._forward_kernel,
                dict(x_ptr=POINTER[xd], a_ptr=POINTER[wd], b_ptr=POINTER[wd], y_ptr=POINTER[xd],
                     u_ptr=POINTER[acc], mask_ptr="*fp32"),
@@ -58,7 +65,7 @@ def routed_lora_variants():
             yield (f"backward {tag} dx {has_dx}", rl._backward_kernel,
                    dict(dy_ptr=POINTER[xd], x_ptr=POINTER[xd], u_ptr=POINTER[acc], a_ptr=POINTER[wd],
                         b_ptr=POINTER[wd], dx_ptr=POINTER[xd], part_ptr=POINTER[acc], mask_ptr="*fp32"),
-                   dict(common, HAS_DX=has_dx, DOT_G=dot_g, PRECISION_G=rl._precision(dot_g)))
+                   dict(common, HAS_DX=has_dx, DOT_G=dot_g, PRECISION_G=precision_g))
 
 
 def gmm_variants():
@@ -78,8 +85,9 @@ def main():
     for name, fn, pointers, constexprs in itertools.chain(routed_lora_variants(), gmm_variants()):
         try:
             kernel = build(fn, pointers, constexprs)
-            if constexprs.get("DOT_A") in (tl.float16, tl.bfloat16) and "mma" not in kernel.asm["ptx"]:
-                raise AssertionError("a half-precision dot that does not use tensor cores (no mma in the PTX)")
+            tensor_cores = constexprs.get("DOT_A") in (tl.float16, tl.bfloat16) or constexprs.get("PRECISION_A") == "tf32"
+            if tensor_cores and "mma" not in kernel.asm["ptx"]:
+                raise AssertionError("a half-precision or TF32 dot that does not use tensor cores (no mma in the PTX)")
             built += 1
             print(f"ok   {name}: shared {kernel.metadata.shared} B", flush=True)
         except Exception as e:  # report every variant, then fail

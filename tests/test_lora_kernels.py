@@ -115,6 +115,32 @@ def test_half_dots_for_fp32_adapters():
     assert K._dot_dtype(torch.float16, torch.float32) == K.tl.float32
 
 
+@pytest.fixture
+def tf32_allowed():
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    yield
+    torch.set_float32_matmul_precision(before)
+
+
+def test_fp32_dots_follow_torchs_matmul_precision(tf32_allowed):
+    assert K._precision(K.tl.float32) == "tf32" and K._precision(K.tl.float64) == "ieee"
+    torch.set_float32_matmul_precision("highest")  # torch's default: IEEE, never silently TF32
+    assert K._precision(K.tl.float32) == "ieee" and K._precision(K.tl.bfloat16) is None
+
+
+def _check_tf32(device):
+    # TF32 keeps 10 mantissa bits of each operand: a few 1e-3 of the largest term.
+    got, expected = _launch_both(None, device=device)
+    for name, g, e in zip(("y", "dx", "dA", "dB"), got, expected):
+        torch.testing.assert_close(g.double(), e, rtol=5e-3, atol=5e-3 * e.abs().max().item(), msg=name)
+
+
+@interpreter
+def test_tf32_dots_where_torch_allows_them(tf32_allowed):
+    _check_tf32("cpu")
+
+
 def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     x, W, A, B = torch.randn(2, 8), torch.randn(4, 8), torch.randn(2, 8), torch.randn(4, 2)
@@ -211,3 +237,8 @@ def test_cuda_half_dots_for_fp32_adapters(dtype):
 def test_cuda_autocast_matches_the_dense_reference_under_autocast():
     # Under autocast the kernels run the adapter products in bf16 (half_dots), as autocast runs peft's.
     check_autocast("cuda", (8, 128, 256), 192)
+
+
+@cuda
+def test_cuda_tf32_dots_where_torch_allows_them(tf32_allowed):
+    _check_tf32("cuda")
