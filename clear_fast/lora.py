@@ -179,7 +179,8 @@ _lora_backward = _eager_or_op(_backward_impl, _backward_op)
 # ------------------------------------------------------------ autograd
 class RoutedLoRAFunction(torch.autograd.Function):
     """Routed LoRA. x [..., in] (M rows); x_lora (dropout(x)) or None for x itself; mask [G] float
-    (row i uses mask[i // rows_per_mask]). Use routed_lora_linear, which checks the inputs."""
+    (row i uses mask[i // rows_per_mask]); half_dots: the Triton path multiplies the adapter in the
+    activations' half dtype (set under autocast). Use routed_lora_linear, which checks the inputs."""
 
     @staticmethod
     def forward(ctx, x, x_lora, weight, bias, lora_A, lora_B, scaling, mask, rows_per_mask,
