@@ -42,6 +42,7 @@ pipelining were the fastest of the 8 shapes timed, with and without half dots, f
 Plain pointer arithmetic only (no block pointers): the kernels compile for sm_90 with
 triton 3.6 and 3.9 (tests/compile_kernels.py compiles them ahead of time, without a GPU).
 """
+import functools
 from typing import NamedTuple
 
 import torch
@@ -239,7 +240,12 @@ def _backward_kernel(dy_ptr, x_ptr, u_ptr, a_ptr, b_ptr, dx_ptr, part_ptr, mask_
 
 def _config(config, half_dots):
     c = config or CONFIG
-    return c._replace(half_dots=True) if half_dots and not c.half_dots else c
+    return _with_half_dots(c) if half_dots and not c.half_dots else c
+
+
+@functools.lru_cache(maxsize=None)
+def _with_half_dots(config):  # once per configuration, not a new tuple per launch
+    return config._replace(half_dots=True)
 
 
 def lora_forward_(y, x, a, b, mask, rows_per_mask, scaling, config=None, half_dots=False):
