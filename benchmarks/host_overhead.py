@@ -96,7 +96,9 @@ def launcher_us(p, calls):
     mask, rpm = torch.ones(1, device=x.device), x.shape[0]
     y, dx = torch.zeros_like(x), torch.zeros_like(x)
     u = K.lora_forward_(y, x, a, b, mask, rpm, 2.0)
+    pa, pb = torch.nn.Parameter(a.clone()), torch.nn.Parameter(b.clone())  # as a layer passes them
     fns = {"lora_forward_": lambda: K.lora_forward_(y, x, a, b, mask, rpm, 2.0),
+           "lora_forward_ (adapters as nn.Parameter)": lambda: K.lora_forward_(y, x, pa, pb, mask, rpm, 2.0),
            "lora_backward": lambda: K.lora_backward(dy, x, u, a, b, mask, rpm, 2.0, dx),
            "F.linear": lambda: torch.nn.functional.linear(x, p["weight"], p["bias"])}
     out = {}
