@@ -88,6 +88,12 @@ def _dot_dtype(a, b, half_dots=False):
     return tl.float32
 
 
+def _grad_dot_dtype(dot_a, dot_b, acc):
+    """Dot dtype of the adapter-gradient sums: the half dtype when both adapter products run in it
+    (as autograd does for a half or autocast LoRA), else the accumulation dtype acc (torch)."""
+    return dot_a if dot_a == dot_b and dot_a in (tl.float16, tl.bfloat16) else _TL_DTYPES[acc]
+
+
 def _precision(dot_dtype):
     """fp32 dots follow torch's setting for fp32 matmuls, as cuBLAS (and so peft's LoRA) does: IEEE
     by default, TF32 after torch.set_float32_matmul_precision("high" or "medium"). Never silently TF32."""
@@ -283,9 +289,7 @@ def lora_backward(dy, x, u, a, b, mask, rows_per_mask, scaling, dx=None, config=
     acc = acc_dtype(dy.dtype)
     part = torch.empty((programs, R * K + N * R), device=dy.device, dtype=acc)
     dot_a, dot_b = _dot_dtype(dy.dtype, a.dtype, c.half_dots), _dot_dtype(dy.dtype, b.dtype, c.half_dots)
-    # The sums over rows multiply in the half dtype when both adapter products do (as autograd does
-    # for a half or autocast LoRA), else in the accumulation dtype.
-    dot_g = dot_a if dot_a == dot_b and dot_a in (tl.float16, tl.bfloat16) else _TL_DTYPES[acc]
+    dot_g = _grad_dot_dtype(dot_a, dot_b, acc)
     has_dx = dx is not None
     if not has_dx:
         dx = dy  # never read nor written (HAS_DX is off); any pointer will do

@@ -48,7 +48,7 @@ def routed_lora_variants():
     for (xd, wd, mode), r in itertools.product(cases, (4, 64)):
         acc = acc_dtype(xd)
         dot = rl._dot_dtype(xd, wd, mode == "half_dots")
-        dot_g = dot if dot in (tl.float16, tl.bfloat16) else rl._TL_DTYPES[acc]
+        dot_g = rl._grad_dot_dtype(dot, dot, acc)
         precision, precision_g = rl._precision(dot), rl._precision(dot_g)
         if mode == "tf32":
             precision = precision_g = "tf32"
