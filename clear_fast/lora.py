@@ -24,26 +24,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from clear_fast.kernels.utils import acc_dtype as _acc_dtype, interpreting
+from clear_fast.kernels.utils import acc_dtype as _acc_dtype, check_backend, use_triton
 
 __all__ = ["RoutedLoRALinear", "routed_lora_linear"]
-
-_BACKENDS = ("auto", "torch", "triton")
 
 
 def _kernels():
     # Imported on first use: the CPU path must work where Triton is not installed.
     from clear_fast.kernels import routed_lora
     return routed_lora
-
-
-def _use_triton(t: Tensor, backend: str) -> bool:
-    if backend == "triton":
-        if not t.is_cuda and not interpreting():
-            raise RuntimeError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set "
-                               "before triton is first imported (the interpreter is for tests)")
-        return True
-    return backend == "auto" and t.is_cuda
 
 
 # ------------------------------------------------------------ CPU path: gather the routed samples
@@ -126,13 +115,13 @@ def _backward_torch(dy, x, u, a, b, mask, rows_per_mask, scaling, dx):
 
 # ------------------------------------------------------------ each half: Triton or torch
 def _forward_impl_(y, x, a, b, mask, rows_per_mask, scaling, backend, half_dots):
-    if _use_triton(y, backend):
+    if use_triton(y, backend):
         return _kernels().lora_forward_(y, x, a, b, mask, rows_per_mask, scaling, half_dots=half_dots)
     return _forward_torch_(y, x, a, b, mask, rows_per_mask, scaling)
 
 
 def _backward_impl(dy, x, u, a, b, mask, rows_per_mask, scaling, dx, backend, half_dots):
-    if _use_triton(dy, backend):
+    if use_triton(dy, backend):
         return _kernels().lora_backward(dy, x, u, a, b, mask, rows_per_mask, scaling, dx,
                                         half_dots=half_dots)
     return _backward_torch(dy, x, u, a, b, mask, rows_per_mask, scaling, dx)
@@ -280,8 +269,7 @@ def _check(x, weight, bias, lora_A, lora_B, mask, x_lora, backend):
     if x_lora is not None and (x_lora.shape != x.shape or x_lora.dtype != x.dtype):
         raise ValueError(f"x_lora must match x ({tuple(x.shape)}, {x.dtype}), "
                          f"got {tuple(x_lora.shape)}, {x_lora.dtype}")
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    check_backend(backend)
     rows = math.prod(x.shape[:-1])
     if mask is None:
         return _all_routed(x.device), max(rows, 1)
@@ -295,10 +283,14 @@ def _check(x, weight, bias, lora_A, lora_B, mask, x_lora, backend):
     m = mask.to(torch.float32).contiguous()  # the kernels index it as a flat array
     # Checking the values costs a host sync: done in eager CPU calls on float masks only (a bool mask
     # is 0/1 by its type), never on the GPU path nor while torch.compile traces (a graph break).
-    if (mask.dtype != torch.bool and not m.is_cuda and not torch.compiler.is_compiling()
-            and bool(((m != 0) & (m != 1)).any())):
-        raise ValueError("mask values must be 0 or 1 (or bool); got other values")
+    if mask.dtype != torch.bool and not m.is_cuda and not torch.compiler.is_compiling():
+        _check_mask_values(m)
     return m, rows // mask.numel() if mask.numel() else 1
+
+
+def _check_mask_values(m):
+    if bool(((m != 0) & (m != 1)).any()):
+        raise ValueError("mask values must be 0 or 1 (or bool); got other values")
 
 
 def routed_lora_linear(x, weight, bias, lora_A, lora_B, scaling, mask=None, *, x_lora=None,

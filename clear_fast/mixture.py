@@ -28,7 +28,6 @@ then returns p_clean = 1 for every sample, since there is nothing to separate.
 """
 import functools
 import math
-import os
 import warnings
 
 import numpy as np
@@ -36,6 +35,7 @@ import torch
 
 from clear_fast.kernels.gmm import (EPS10, EMPlan, em_step_reference, em_step_triton,
                                     m_step_reference)
+from clear_fast.kernels.utils import check_backend, use_triton
 
 CHECK_EVERY = 8  # triton backend: EM iterations between reads of the lower bounds (host syncs)
 _KMEANS_MAX_ITER, _KMEANS_TOL = 300, 1e-4  # sklearn KMeans defaults
@@ -349,8 +349,7 @@ class GaussianMixture1D:
         if init_params != "kmeans":
             raise ValueError(f"init_params must be 'kmeans' (the only one implemented), got "
                              f"{init_params!r}")
-        if backend not in ("auto", "torch", "triton"):
-            raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+        check_backend(backend)
         _check_random_state(random_state)  # type check now, draws at fit
         self.n_components, self.tol = int(n_components), float(tol)
         self.reg_covar = float(reg_covar)
@@ -358,12 +357,7 @@ class GaussianMixture1D:
         self.random_state, self.backend = random_state, backend
 
     def _backend_for(self, x):
-        if self.backend == "triton" or (self.backend == "auto" and x.is_cuda):
-            if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-                raise ValueError("backend='triton' needs a CUDA tensor (or TRITON_INTERPRET=1 set "
-                                 "before triton is imported, to run the kernel on the CPU)")
-            return _em_triton
-        return _em_torch
+        return _em_triton if use_triton(x, self.backend) else _em_torch
 
     @_one_thread
     def fit(self, x):

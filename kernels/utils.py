@@ -4,10 +4,34 @@ import os
 
 import torch
 
+BACKENDS = ("auto", "torch", "triton")
+
 
 def interpreting():
     """True when Triton kernels run through the interpreter (TRITON_INTERPRET=1, set before import)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def check_backend(backend):
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def use_triton(t, backend):
+    """Whether a call on tensor t runs its Triton kernel (the one rule of every fast path here):
+    backend "triton", or "auto" on a CUDA tensor. CLEAR_FAST_AUTO_BACKEND=triton makes "auto" pick
+    the kernels on CPU tensors too, under the interpreter: a whole model then runs the GPU's code
+    path on the CPU (tests, and benchmarks/step_launches.py's count of the launches of a step)."""
+    if t.is_cuda:
+        return backend != "torch"
+    if backend == "auto" and os.environ.get("CLEAR_FAST_AUTO_BACKEND") == "triton":
+        backend = "triton"
+    if backend != "triton":
+        return False
+    if not interpreting():
+        raise ValueError("backend='triton' needs a CUDA tensor, or TRITON_INTERPRET=1 set before "
+                         "triton is first imported to run the kernel on the CPU (for tests)")
+    return True
 
 
 def acc_dtype(dtype):

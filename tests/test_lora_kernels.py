@@ -144,7 +144,7 @@ def test_tf32_dots_where_torch_allows_them(tf32_allowed):
 def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     x, W, A, B = torch.randn(2, 8), torch.randn(4, 8), torch.randn(2, 8), torch.randn(4, 2)
-    with pytest.raises(RuntimeError, match="needs TRITON_INTERPRET=1"):
+    with pytest.raises(ValueError, match="needs a CUDA tensor, or TRITON_INTERPRET=1"):
         routed_lora_linear(x, W, None, A, B, 1.0, None, backend="triton")
 
 
