@@ -1,6 +1,14 @@
 """CleaR's training loss: cross-entropy on the observed labels plus a consistency term that pulls
-the routed prediction towards the epoch's ensemble teacher (clear-method.md, step 4)."""
+the routed prediction towards the epoch's ensemble teacher (clear-method.md, step 4).
+
+Two implementations of one formula: plain torch (the reference, and the CPU path), and on CUDA
+tensors a fused Triton forward and backward (clear_fast/kernels/clear_loss.py) that launch 2 kernels
+where the torch ops launch 8-27, which counts in a host-bound GPU step.
+"""
+import torch
 import torch.nn.functional as F
+
+from clear_fast.kernels.utils import check_backend, use_triton
 
 
 def consistency_loss(logits, teacher_logits, temperature=1.0):
@@ -10,13 +18,66 @@ def consistency_loss(logits, teacher_logits, temperature=1.0):
     return temperature ** 2 * -(q * log_p).sum(-1).mean()
 
 
-def clear_loss(logits, labels, teacher_logits=None, weight=1.0, temperature=1.0):
+def clear_loss(logits, labels, teacher_logits=None, weight=1.0, temperature=1.0, backend="auto"):
     """CE(f(x; m), y~) + lambda * consistency, with no per-sample weighting (as released).
 
-    Returns (total loss, per-sample CE detached): the latter feeds the train-steps clean-probability option.
+    logits [B, C]; labels [B] integers in [0, C); teacher_logits [B, C] or None (CE only).
+    Returns (total loss, per-sample CE detached, fp32): the latter feeds the train-steps
+    clean-probability option. backend: "auto" (fused Triton kernels on CUDA tensors, torch
+    otherwise), "torch" or "triton". On the Triton path a label outside [0, C) makes its CE and
+    the loss NaN (checking the labels would cost a host sync); the torch path raises.
     """
+    check_backend(backend)
+    _check_loss_inputs(logits, labels, teacher_logits, temperature)
+    teacher = teacher_logits if teacher_logits is not None and weight > 0 else None
+    if logits.shape[0] and use_triton(logits, backend) and not torch.compiler.is_compiling():
+        if teacher is not None:
+            teacher = teacher.detach().contiguous()
+        return _FusedClearLoss.apply(logits.contiguous(), labels.contiguous(), teacher, float(weight),
+                                     float(temperature))
     ce = F.cross_entropy(logits.float(), labels, reduction="none")
     loss = ce.mean()
-    if teacher_logits is not None and weight > 0:
-        loss = loss + weight * consistency_loss(logits, teacher_logits, temperature)
+    if teacher is not None:
+        loss = loss + weight * consistency_loss(logits, teacher, temperature)
     return loss, ce.detach()
+
+
+def _check_loss_inputs(logits, labels, teacher_logits, temperature):
+    if not torch.is_tensor(logits) or logits.dim() != 2 or not logits.is_floating_point():
+        raise ValueError(f"logits must be a floating-point tensor [batch, classes], got "
+                         f"{tuple(logits.shape) if torch.is_tensor(logits) else type(logits).__name__}")
+    if not torch.is_tensor(labels) or labels.shape != logits.shape[:1] or labels.is_floating_point():
+        raise ValueError(f"labels must be integers of shape [{logits.shape[0]}] (one class index per "
+                         f"row of logits), got "
+                         f"{(tuple(labels.shape), labels.dtype) if torch.is_tensor(labels) else type(labels).__name__}")
+    if teacher_logits is not None and (not torch.is_tensor(teacher_logits)
+                                       or teacher_logits.shape != logits.shape):
+        raise ValueError(f"teacher_logits must have the logits' shape {tuple(logits.shape)}, got "
+                         f"{tuple(teacher_logits.shape) if torch.is_tensor(teacher_logits) else type(teacher_logits).__name__}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+def _kernels():
+    # Imported on first use: the CPU path must work where Triton is not installed.
+    from clear_fast.kernels import clear_loss
+    return clear_loss
+
+
+class _FusedClearLoss(torch.autograd.Function):
+    """clear_loss on the Triton kernels; the teacher gets no gradient (it is detached)."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, teacher, weight, temperature):
+        loss, ce, stats = _kernels().clear_loss_forward(logits, labels, teacher, weight, temperature)
+        ctx.save_for_backward(logits, labels, teacher, stats)
+        ctx.weight, ctx.temperature = weight, temperature
+        ctx.mark_non_differentiable(ce)
+        return loss, ce
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_ce):
+        logits, labels, teacher, stats = ctx.saved_tensors
+        grad = _kernels().clear_loss_backward(grad_loss.contiguous(), logits, labels, teacher, stats,
+                                              ctx.weight, ctx.temperature)
+        return grad, None, None, None, None

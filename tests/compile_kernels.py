@@ -22,12 +22,12 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from kernels import gmm, routed_lora as rl  # noqa: E402  (the source tree, installed or not)
+from kernels import clear_loss, gmm, routed_lora as rl  # noqa: E402  (the source tree, installed or not)
 from kernels.utils import acc_dtype  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 POINTER = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.float64: "*fp64"}
-FLOATS = ("scaling",)  # Python floats: Triton passes them as fp32
+FLOATS = ("scaling", "inv_t", "w_t2", "w_t")  # Python floats: Triton passes them as fp32
 
 
 def build(fn, pointers, constexprs):
@@ -78,11 +78,26 @@ def gmm_variants():
                     FROM_STATS=from_stats, STORE_RESP=store_resp))
 
 
+def clear_loss_variants():
+    for zd, has_t, (rows, classes) in itertools.product((torch.float32, torch.bfloat16, torch.float16),
+                                                        (True, False), ((32, 10), (32, 77), (300, 7), (5, 600))):
+        block_b, block_c = clear_loss._blocks(rows, classes)
+        consts = dict(HAS_TEACHER=has_t, BLOCK_B=block_b, BLOCK_C=block_c)
+        tag = f"logits {zd} teacher {has_t} blocks {block_b} x {block_c}"
+        yield (f"loss forward {tag}", clear_loss._forward_kernel,
+               dict(z_ptr=POINTER[zd], y_ptr="*i64", t_ptr="*fp32", loss_ptr="*fp32", ce_ptr="*fp32",
+                    stats_ptr="*fp32"), consts)
+        yield (f"loss backward {tag}", clear_loss._backward_kernel,
+               dict(g_ptr="*fp32", z_ptr=POINTER[zd], y_ptr="*i64", t_ptr="*fp32", stats_ptr="*fp32",
+                    dz_ptr=POINTER[zd]), consts)
+
+
 def main():
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("run with TRITON_INTERPRET=0: the interpreter does not compile")
     failures = built = 0
-    for name, fn, pointers, constexprs in itertools.chain(routed_lora_variants(), gmm_variants()):
+    for name, fn, pointers, constexprs in itertools.chain(routed_lora_variants(), gmm_variants(),
+                                                       clear_loss_variants()):
         try:
             kernel = build(fn, pointers, constexprs)
             tensor_cores = constexprs.get("DOT_A") in (tl.float16, tl.bfloat16) or constexprs.get("PRECISION_A") == "tf32"
