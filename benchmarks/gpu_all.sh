@@ -4,8 +4,8 @@
 # steps. Measured on an H200 (2026-11-26): gpu_tests with GPU_TESTS=tests/test_lora_kernels.py
 # GPU_TESTS_ARGS="-k cuda" 36-50 s, kernel_sweep (SWEEP_ARGS="--fractions 1.0") ~60 s, host_overhead
 # ~30 s, epoch_table ~200 s, epoch_bf16 ~100 s, plus ~40 s to start a machine per call. Next plan:
-#   STEPS="gpu_tests host_overhead epoch_compiled" GPU_TESTS=tests/test_lora_kernels.py \
-#       GPU_TESTS_ARGS="-k cuda" bash benchmarks/gpu_all.sh
+#   STEPS="gpu_tests host_overhead epoch_compiled" GPU_TESTS="tests/test_lora_kernels.py \
+#       tests/test_clear_loss.py" GPU_TESTS_ARGS="-k cuda" bash benchmarks/gpu_all.sh
 #   STEPS="epoch_table epoch_bf16" bash benchmarks/gpu_all.sh
 # or a subset, e.g. STEPS="gpu_tests epoch_table" GPU_TESTS=tests/test_gmm_kernel.py (results also
 # land in $OUT when the device tool sets it; a second call in one command needs its own OUT).
@@ -41,7 +41,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a timeout, log to $LOG/NAME.l
     find benchmarks/results -type f -newer "$LOG/versions.txt" -exec cp {} "$LOG/" \;
     tar czf "$OUT/gpu_all.tgz" -C "$LOG" .
 }
-GPU_TESTS=${GPU_TESTS:-tests/test_lora.py tests/test_lora_kernels.py tests/test_gmm_kernel.py tests/test_mixture.py}
+GPU_TESTS=${GPU_TESTS:-tests/test_lora.py tests/test_lora_kernels.py tests/test_clear_loss.py tests/test_gmm_kernel.py tests/test_mixture.py}
 TAIL=15 step gpu_tests 150 $PY -m pytest $GPU_TESTS -q -p no:cacheprovider -rfE ${GPU_TESTS_ARGS:-}
 # GPU time of the routed LoRA kernels per TileConfig (CONFIG in kernels/routed_lora.py should follow it)
 step kernel_sweep 150 $PY benchmarks/lora_kernel_sweep.py ${SWEEP_ARGS:-}

@@ -11,6 +11,7 @@ _EXPORTS = {
     "routed_lora_linear": "clear_fast.lora",
     "GaussianMixture1D": "clear_fast.mixture",
     "clean_probability": "clear_fast.mixture",
+    "clear_loss": "clear_fast.losses",
 }
 
 __all__ = sorted(_EXPORTS)
