@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from clear_fast.config import parse_config
+from clear_fast.kernels.utils import interpreting
 from clear_fast.losses import clear_loss, consistency_loss
 from clear_fast.model import draw_routing_masks, layer_index
 from clear_fast.train import main
@@ -389,3 +390,34 @@ def test_clean_detection_per_class_figures_by_hand():
     assert det["class_mean_recall"] == pytest.approx((1 + 0 + 0) / 3)
     assert det["classes_none_found"] == pytest.approx(2 / 3)
     assert "class_mean_recall" not in clean_detection(p, clean)
+
+
+@pytest.mark.skipif(not interpreting(), reason="Triton on CPU tensors needs TRITON_INTERPRET=1")
+@pytest.mark.filterwarnings("error:clean-probability pass")  # the shared-prefix pass must not fall back
+def test_training_on_the_gpu_code_path_matches_the_cpu_path(tiny_models, toy_files, tmp_path, monkeypatch):
+    """CLEAR_FAST_AUTO_BACKEND=triton: the whole method (routed layers, fused loss, the mixture's
+    kernel, the shared-prefix pass) runs the kernels a GPU runs, through the interpreter, and
+    trains as the CPU path does: the same routing, accuracies and clean-detection per epoch."""
+    import clear_fast.mixture
+    from clear_fast.kernels import clear_loss as loss_kernels, routed_lora
+
+    used = set()
+    for module, name in ((routed_lora, "lora_forward_"), (routed_lora, "lora_backward"),
+                         (loss_kernels, "clear_loss_forward"), (clear_fast.mixture, "em_step_triton")):
+        monkeypatch.setattr(module, name, lambda *a, _f=getattr(module, name), _n=name, **k: used.add(_n) or _f(*a, **k))
+    records = {}
+    for backend in ("torch", "triton"):
+        if backend == "triton":
+            monkeypatch.setenv("CLEAR_FAST_AUTO_BACKEND", "triton")
+        out = tmp_path / backend
+        assert main(cli(tiny_models["bert"], toy_files, out, "--noise-rate", "0.3", "--no-plots",
+                        "--no-save-adapter", "--num-epochs", "2")) == 0
+        records[backend] = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+        assert used == (set() if backend == "torch" else
+                        {"lora_forward_", "lora_backward", "clear_loss_forward", "em_step_triton"})
+    for cpu, gpu_path in zip(*records.values()):
+        assert gpu_path["routed_fraction"] == cpu["routed_fraction"]
+        for key in ("test_accuracy", "clean_recall", "clean_precision"):
+            assert gpu_path[key] == cpu[key], key
+        # (measured 1e-7 relative: rounding; the kernels' gradients are tested one by one elsewhere)
+        assert abs(gpu_path["train_loss"] - cpu["train_loss"]) < 1e-5 * abs(cpu["train_loss"])
