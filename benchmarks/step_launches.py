@@ -27,8 +27,7 @@ Writes benchmarks/results/step_launches.{json,md}.
 """
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (through clear_fast)
-os.environ["CLEAR_FAST_AUTO_BACKEND"] = "triton"
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (through clear_fast)
 
 import argparse  # noqa: E402
 import collections  # noqa: E402
@@ -97,7 +96,8 @@ def counting():
 
         def counted(*args, **kwargs):
             if counter.phase and not counter.paused:
-                counter.counts[counter.phase][f"<triton> {kernel.fn.__name__}"] += 1
+                module = kernel.fn.__module__.rpartition(".")[2]
+                counter.counts[counter.phase][f"<triton> {module}.{kernel.fn.__name__}"] += 1
             with counter.pause():
                 return run(*args, **kwargs)
         return counted
@@ -106,12 +106,18 @@ def counting():
         with counter.pause():
             return check(m)
 
+    backend = os.environ.get("CLEAR_FAST_AUTO_BACKEND")
+    os.environ["CLEAR_FAST_AUTO_BACKEND"] = "triton"
     InterpretedFunction.__getitem__, clear_fast.lora._check_mask_values = launch, unchecked
     try:
         with counter:
             yield counter
     finally:
         InterpretedFunction.__getitem__, clear_fast.lora._check_mask_values = getitem, check
+        if backend is None:
+            del os.environ["CLEAR_FAST_AUTO_BACKEND"]
+        else:
+            os.environ["CLEAR_FAST_AUTO_BACKEND"] = backend
 
 
 def count_step(run, batch, p_route, teacher):
@@ -140,7 +146,8 @@ def count_step(run, batch, p_route, teacher):
     return counter.counts
 
 
-def measure(model_name):
+def measure(model_name, kinds=et.VARIANTS):
+    """{variant label: launches by phase and name} of one step of each variant."""
     et.MODELS[model_name + "-small"] = MODELS[model_name]
     base = et.base_classifier(model_name + "-small")
     g = torch.Generator().manual_seed(1)
@@ -149,7 +156,7 @@ def measure(model_name):
              "labels": torch.randint(0, et.NUM_LABELS, (et.BATCH,), generator=g)}
     teacher = torch.randn(et.BATCH, et.NUM_LABELS, generator=g)
     rows = {}
-    for kind in et.VARIANTS:
+    for kind in kinds:
         model, router = et.build(kind, base, torch.device("cpu"))
         run = et.make_run(kind, model, router, torch.device("cpu"))
         routed = kind in ("clear-lora", "reference")
@@ -161,6 +168,7 @@ def measure(model_name):
 
 
 def totals(counts):
+    """Launches by phase, and 'step' for the whole step."""
     return {ph: sum(c.values()) for ph, c in counts.items()} | {"step": sum(sum(c.values()) for c in counts.values())}
 
 
@@ -200,6 +208,8 @@ def main(argv=None):
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args(argv)
+    if os.environ["TRITON_INTERPRET"] != "1":
+        sys.exit("step_launches.py counts through Triton's interpreter: run it with TRITON_INTERPRET unset or 1")
     torch.manual_seed(0)
     models = {m: measure(m) for m in args.models}
     clear = f"clear-lora@{et.GAMMA * (1 - NOISE):.2f}"
