@@ -94,11 +94,13 @@ def _grad_dot_dtype(dot_a, dot_b, acc):
     return dot_a if dot_a == dot_b and dot_a in (tl.float16, tl.bfloat16) else _TL_DTYPES[acc]
 
 
-def _precision(dot_dtype):
-    """fp32 dots follow torch's setting for fp32 matmuls, as cuBLAS (and so peft's LoRA) does: IEEE
-    by default, TF32 after torch.set_float32_matmul_precision("high" or "medium"). Never silently TF32."""
+def _precision(dot_dtype, fp32_precision=None):
+    """fp32 dots follow torch's setting for fp32 matmuls (fp32_precision, default: the current
+    torch.get_float32_matmul_precision()), as cuBLAS (and so peft's LoRA) does: IEEE by default, TF32
+    after torch.set_float32_matmul_precision("high" or "medium"). Never silently TF32."""
     if dot_dtype == tl.float32:
-        return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+        fp32_precision = fp32_precision or torch.get_float32_matmul_precision()
+        return "ieee" if fp32_precision == "highest" else "tf32"
     return "ieee" if dot_dtype == tl.float64 else None
 
 
@@ -254,6 +256,24 @@ def _with_half_dots(config):  # once per configuration, not a new tuple per laun
     return config._replace(half_dots=True)
 
 
+@functools.lru_cache(maxsize=None)
+def _launch_meta(c, r, x_dtype, a_dtype, y_dtype, b_dtype, fp32_precision, has_dx):
+    """A kernel's compile-time arguments for these dtypes: worked out once per combination, not at
+    every launch (a routed layer's launches are host-bound at training sizes). The products with A
+    multiply x (forward) or dY (backward) of x_dtype, those with B y (forward) or dY of y_dtype.
+    fp32_precision: torch.get_float32_matmul_precision(), read per launch by the caller so that a
+    change takes effect. has_dx: None for the forward, else the backward's HAS_DX."""
+    acc = acc_dtype(x_dtype)
+    dot_a, dot_b = _dot_dtype(x_dtype, a_dtype, c.half_dots), _dot_dtype(y_dtype, b_dtype, c.half_dots)
+    meta = dict(BLOCK_M=c.block_m, BLOCK_K=c.block_k, BLOCK_N=c.block_n, BLOCK_R=_block_r(r),
+                DOT_A=dot_a, DOT_B=dot_b, ACC=_TL_DTYPES[acc], PRECISION_A=_precision(dot_a, fp32_precision),
+                PRECISION_B=_precision(dot_b, fp32_precision), num_warps=c.num_warps, num_stages=c.num_stages)
+    if has_dx is not None:
+        dot_g = _grad_dot_dtype(dot_a, dot_b, acc)
+        meta.update(HAS_DX=has_dx, DOT_G=dot_g, PRECISION_G=_precision(dot_g, fp32_precision))
+    return meta
+
+
 def lora_forward_(y, x, a, b, mask, rows_per_mask, scaling, config=None, half_dots=False):
     """In place: y[row] += scaling * m (x a^T) b^T for rows with m != 0; other rows untouched.
     y [M, N], x [M, K], a [R, K], b [N, R], mask [G] float32 (row i uses mask[i // rows_per_mask]).
@@ -263,14 +283,11 @@ def lora_forward_(y, x, a, b, mask, rows_per_mask, scaling, config=None, half_do
     M, K = x.shape
     N, R = b.shape
     u = torch.empty((M, R), device=x.device, dtype=acc_dtype(x.dtype))
-    dot_a, dot_b = _dot_dtype(x.dtype, a.dtype, c.half_dots), _dot_dtype(y.dtype, b.dtype, c.half_dots)
+    meta = _launch_meta(c, R, x.dtype, a.dtype, y.dtype, b.dtype, torch.get_float32_matmul_precision(), None)
     _forward_kernel[(triton.cdiv(M, c.block_m),)](
         x, a, b, y, u, mask, M, K, N, R, rows_per_mask, float(scaling),
         x.stride(0), x.stride(1), a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-        y.stride(0), y.stride(1), u.stride(0), u.stride(1),
-        BLOCK_M=c.block_m, BLOCK_K=c.block_k, BLOCK_N=c.block_n, BLOCK_R=_block_r(R),
-        DOT_A=dot_a, DOT_B=dot_b, ACC=_TL_DTYPES[u.dtype],
-        PRECISION_A=_precision(dot_a), PRECISION_B=_precision(dot_b), num_warps=c.num_warps, num_stages=c.num_stages)
+        y.stride(0), y.stride(1), u.stride(0), u.stride(1), **meta)
     return u
 
 
@@ -286,11 +303,9 @@ def lora_backward(dy, x, u, a, b, mask, rows_per_mask, scaling, dx=None, config=
     tiles = triton.cdiv(M, c.block_m)
     tiles_per_program = triton.cdiv(tiles, min(tiles, BACKWARD_PROGRAMS))
     programs = triton.cdiv(tiles, tiles_per_program)
-    acc = acc_dtype(dy.dtype)
-    part = torch.empty((programs, R * K + N * R), device=dy.device, dtype=acc)
-    dot_a, dot_b = _dot_dtype(dy.dtype, a.dtype, c.half_dots), _dot_dtype(dy.dtype, b.dtype, c.half_dots)
-    dot_g = _grad_dot_dtype(dot_a, dot_b, acc)
+    part = torch.empty((programs, R * K + N * R), device=dy.device, dtype=acc_dtype(dy.dtype))
     has_dx = dx is not None
+    meta = _launch_meta(c, R, dy.dtype, a.dtype, dy.dtype, b.dtype, torch.get_float32_matmul_precision(), has_dx)
     if not has_dx:
         dx = dy  # never read nor written (HAS_DX is off); any pointer will do
     _backward_kernel[(programs,)](
@@ -298,11 +313,7 @@ def lora_backward(dy, x, u, a, b, mask, rows_per_mask, scaling, dx=None, config=
         float(scaling),
         dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), u.stride(0), u.stride(1),
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), dx.stride(0), dx.stride(1),
-        part.stride(0),
-        HAS_DX=has_dx, BLOCK_M=c.block_m, BLOCK_K=c.block_k, BLOCK_N=c.block_n, BLOCK_R=_block_r(R),
-        DOT_A=dot_a, DOT_B=dot_b, ACC=_TL_DTYPES[acc], PRECISION_A=_precision(dot_a),
-        PRECISION_B=_precision(dot_b), DOT_G=dot_g, PRECISION_G=_precision(dot_g),
-        num_warps=c.num_warps, num_stages=c.num_stages)
+        part.stride(0), **meta)
     total = part[0] if programs == 1 else part.sum(0)
     return total[:R * K].view(R, K), total[R * K:].view(N, R)
 

@@ -30,16 +30,16 @@ POINTER = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp3
 FLOATS = ("scaling", "inv_t", "w_t2", "w_t")  # Python floats: Triton passes them as fp32
 
 
-def build(fn, pointers, constexprs):
+def build(fn, pointers, constexprs, options=None):
     """triton.compile fn with the named pointer types, fp32 for float scalars, i32 for int ones."""
     sig = {name: "constexpr" if name in constexprs else pointers.get(name, "fp32" if name in FLOATS else "i32")
            for name in fn.arg_names}
     consts = {(fn.arg_names.index(k),): v for k, v in constexprs.items()}
-    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=TARGET)
+    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=TARGET, options=options)
 
 
 def routed_lora_variants():
-    """(name, fn, pointers, constexprs) for each kernel, the launchers' own dtype choices."""
+    """(name, fn, pointers, constexprs, options) for each kernel, from the launchers' own choices."""
     # (x dtype, adapter dtype, mode): half dots for fp32 adapters under autocast; TF32 fp32 dots
     # where torch's fp32 matmul precision allows them
     cases = ([(d, d, None) for d in POINTER] + [(h, torch.float32, m) for h in (torch.bfloat16, torch.float16)
@@ -47,25 +47,21 @@ def routed_lora_variants():
              + [(torch.float32, torch.float32, "tf32")])
     for (xd, wd, mode), r in itertools.product(cases, (4, 64)):
         acc = acc_dtype(xd)
-        dot = rl._dot_dtype(xd, wd, mode == "half_dots")
-        dot_g = rl._grad_dot_dtype(dot, dot, acc)
-        precision, precision_g = rl._precision(dot), rl._precision(dot_g)
-        if mode == "tf32":
-            precision = precision_g = "tf32"
-        common = dict(BLOCK_M=rl.CONFIG.block_m, BLOCK_K=rl.CONFIG.block_k, BLOCK_N=rl.CONFIG.block_n,
-                      BLOCK_R=rl._block_r(r),
-                      DOT_A=dot, DOT_B=dot, ACC=rl._TL_DTYPES[acc], PRECISION_A=precision,
-                      PRECISION_B=precision)
+        config = rl._config(None, mode == "half_dots")
+        precision = "high" if mode == "tf32" else "highest"
         tag = f"x {xd} w {wd} r {r}" + (f" {mode}" if mode else "")
-        yield (f"forward {tag}", rl._forward_kernel,
-               dict(x_ptr=POINTER[xd], a_ptr=POINTER[wd], b_ptr=POINTER[wd], y_ptr=POINTER[xd],
-                    u_ptr=POINTER[acc], mask_ptr="*fp32"),
-               common)
-        for has_dx in (True, False):
-            yield (f"backward {tag} dx {has_dx}", rl._backward_kernel,
-                   dict(dy_ptr=POINTER[xd], x_ptr=POINTER[xd], u_ptr=POINTER[acc], a_ptr=POINTER[wd],
-                        b_ptr=POINTER[wd], dx_ptr=POINTER[xd], part_ptr=POINTER[acc], mask_ptr="*fp32"),
-                   dict(common, HAS_DX=has_dx, DOT_G=dot_g, PRECISION_G=precision_g))
+        for has_dx in (None, True, False):
+            constexprs = dict(rl._launch_meta(config, r, xd, wd, xd, wd, precision, has_dx))
+            options = {k: constexprs.pop(k) for k in ("num_warps", "num_stages")}
+            if has_dx is None:
+                yield (f"forward {tag}", rl._forward_kernel,
+                       dict(x_ptr=POINTER[xd], a_ptr=POINTER[wd], b_ptr=POINTER[wd], y_ptr=POINTER[xd],
+                            u_ptr=POINTER[acc], mask_ptr="*fp32"), constexprs, options)
+            else:
+                yield (f"backward {tag} dx {has_dx}", rl._backward_kernel,
+                       dict(dy_ptr=POINTER[xd], x_ptr=POINTER[xd], u_ptr=POINTER[acc], a_ptr=POINTER[wd],
+                            b_ptr=POINTER[wd], dx_ptr=POINTER[xd], part_ptr=POINTER[acc], mask_ptr="*fp32"),
+                       constexprs, options)
 
 
 def gmm_variants():
@@ -75,7 +71,7 @@ def gmm_variants():
         yield (f"gmm em x {xd} K {k} from_stats {from_stats} store_resp {store_resp}", gmm._gmm_em_kernel,
                dict(x_ptr=POINTER[xd], stats_ptr="*fp64", params_ptr="*fp64", resp_ptr="*fp64", consts_ptr="*fp64"),
                dict(K=k, KP=kp, PP=triton.next_power_of_2(gmm.MAX_PROGRAMS), BLOCK=gmm.BLOCK,
-                    FROM_STATS=from_stats, STORE_RESP=store_resp))
+                    FROM_STATS=from_stats, STORE_RESP=store_resp), None)
 
 
 def clear_loss_variants():
@@ -86,20 +82,20 @@ def clear_loss_variants():
         tag = f"logits {zd} teacher {has_t} blocks {block_b} x {block_c}"
         yield (f"loss forward {tag}", clear_loss._forward_kernel,
                dict(z_ptr=POINTER[zd], y_ptr="*i64", t_ptr="*fp32", loss_ptr="*fp32", ce_ptr="*fp32",
-                    stats_ptr="*fp32"), consts)
+                    stats_ptr="*fp32"), consts, dict(num_warps=4))
         yield (f"loss backward {tag}", clear_loss._backward_kernel,
                dict(g_ptr="*fp32", z_ptr=POINTER[zd], y_ptr="*i64", t_ptr="*fp32", stats_ptr="*fp32",
-                    dz_ptr=POINTER[zd]), consts)
+                    dz_ptr=POINTER[zd]), consts, dict(num_warps=4))
 
 
 def main():
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("run with TRITON_INTERPRET=0: the interpreter does not compile")
     failures = built = 0
-    for name, fn, pointers, constexprs in itertools.chain(routed_lora_variants(), gmm_variants(),
+    for name, fn, pointers, constexprs, options in itertools.chain(routed_lora_variants(), gmm_variants(),
                                                        clear_loss_variants()):
         try:
-            kernel = build(fn, pointers, constexprs)
+            kernel = build(fn, pointers, constexprs, options)
             tensor_cores = constexprs.get("DOT_A") in (tl.float16, tl.bfloat16) or constexprs.get("PRECISION_A") == "tf32"
             if tensor_cores and "mma" not in kernel.asm["ptx"]:
                 raise AssertionError("a half-precision or TF32 dot that does not use tensor cores (no mma in the PTX)")

@@ -1,0 +1,94 @@
+"""Host time of the routed LoRA launchers on a machine without a GPU.
+
+    TRITON_INTERPRET=0 python benchmarks/launcher_host_cost.py
+
+A routed layer's launches are host-bound on a GPU at training sizes, and most of a launch's host
+time is Python: Triton's JIT launch path (argument specialisation, the kernel-cache lookup) and the
+launcher's own work (allocations, choosing dtypes and precisions). That part needs no GPU to be
+timed: here Triton compiles the kernels for sm_90 (as tests/compile_kernels.py does) under a stand-in
+driver, and the final C call into the CUDA driver is replaced by a no-op, so what is timed is all of
+the launch but cuLaunchKernel (a few us on a GPU host). Per call, minimum over 5 rounds:
+
+  launcher        kernels.routed_lora.lora_forward_ / lora_backward as the layer calls them
+  bare launch     the same kernel launched with its arguments written out (Triton's own share)
+
+Tensors are CPU tensors of small shapes (the backward's final torch sum of partial gradients, a
+GPU launch, runs on the CPU here: kept small so that it does not dominate). Relies on Triton
+internals (the active driver, CompiledKernel._init_handles); written against triton 3.9.
+"""
+import os
+import sys
+import time
+
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    sys.exit("run with TRITON_INTERPRET=0: this times the compiled kernels' launch path")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler.compiler import CompiledKernel  # noqa: E402
+from triton.runtime import driver  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from kernels import routed_lora as rl  # noqa: E402  (the source tree, installed or not)
+
+
+class StandInDriver:
+    """What Triton's launch path asks of the active driver, for a GPU that is not there."""
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+
+def _no_gpu_handles(self):
+    # instead of loading the cubin on a GPU: a launcher that does nothing
+    if self.module is None:
+        self.module, self.function, self._run = "stand-in", 0, (lambda *args: None)
+
+
+def per_call_us(fn, calls=2000, rounds=5):
+    fn()
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / calls * 1e6)
+    return best
+
+
+def main():
+    driver.set_active(StandInDriver())
+    CompiledKernel._init_handles = _no_gpu_handles
+    M, K, N, R, rows_per_mask = 256, 64, 64, 8, 16
+    x, a, b, y = torch.randn(M, K), torch.randn(R, K), torch.randn(N, R), torch.randn(M, N)
+    dy, dx, mask = torch.randn(M, N), torch.randn(M, K), torch.ones(M // rows_per_mask)
+    u = rl.lora_forward_(y, x, a, b, mask, rows_per_mask, 2.0)
+    c = rl.CONFIG
+    meta = rl._launch_meta(c, R, x.dtype, a.dtype, y.dtype, b.dtype, torch.get_float32_matmul_precision(), None)
+
+    def bare_forward():
+        rl._forward_kernel[(triton.cdiv(M, c.block_m),)](
+            x, a, b, y, u, mask, M, K, N, R, rows_per_mask, 2.0,
+            x.stride(0), x.stride(1), a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+            y.stride(0), y.stride(1), u.stride(0), u.stride(1), **meta)
+
+    rows = {"forward launcher": lambda: rl.lora_forward_(y, x, a, b, mask, rows_per_mask, 2.0),
+            "forward bare launch": bare_forward,
+            "backward launcher": lambda: rl.lora_backward(dy, x, u, a, b, mask, rows_per_mask, 2.0, dx)}
+    print(f"triton {triton.__version__}, torch {torch.__version__}; host us per call (min of 5 rounds)")
+    for name, fn in rows.items():
+        print(f"{name:22s} {per_call_us(fn):7.1f} us")
+
+
+if __name__ == "__main__":
+    main()
