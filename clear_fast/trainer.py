@@ -175,32 +175,43 @@ class Run:
         self.model.train()
         order = np.random.default_rng([cfg.seed, epoch]).permutation(len(self.train))
         n = len(self.train)
-        step_ce = torch.zeros(n, device=self.device)
-        step_logits = torch.zeros(n, len(self.label_names), device=self.device)
+        # Per-sample inputs and outputs in this epoch's order: a step reads and writes slices, with
+        # no gather or scatter of its own (launches count in a host-bound GPU step); one gather of
+        # the inputs and one scatter of the outputs per epoch.
+        positions = torch.as_tensor(order, device=self.device)
+        p_route = None if p_route is None else p_route[positions]
+        teacher = None if teacher is None else teacher[positions]
+        step_ce = torch.empty(n, device=self.device)
+        step_logits = torch.empty(n, len(self.label_names), device=self.device)
         loss_sum = torch.zeros((), device=self.device)
-        routed_sum = torch.zeros((), device=self.device)
-        steps = range(0, n, cfg.batch_size)
-        for k, s in enumerate(tqdm(steps, desc=f"epoch {epoch + 1} steps", leave=False, disable=not cfg.progress)):
-            batch = self.train.batch(order[s: s + cfg.batch_size], self.device)
-            idx = batch["index"].to(self.device)
-            masks = self._route(None if p_route is None else p_route[idx])
+        routed = torch.zeros((), device=self.device, dtype=torch.long)  # adapter passes: samples x layers
+        for s in tqdm(range(0, n, cfg.batch_size), desc=f"epoch {epoch + 1} steps", leave=False,
+                      disable=not cfg.progress):
+            e = min(s + cfg.batch_size, n)
+            batch = self.train.batch(order[s:e], self.device)
+            masks = self._route(None if p_route is None else p_route[s:e])
             if shield_head:
-                self.head_shield.mask = torch.rand(len(idx), device=self.device) < p_route[idx]
+                self.head_shield.mask = torch.rand(e - s, device=self.device) < p_route[s:e]
             logits = self._logits(batch)
-            loss, ce = clear_loss(logits, batch["labels"], None if teacher is None else teacher[idx],
+            loss, ce = clear_loss(logits, batch["labels"], None if teacher is None else teacher[s:e],
                                   cfg.consistency_weight, cfg.temperature)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
-            step_ce[idx] = ce
-            step_logits[idx] = logits.detach()
-            loss_sum += loss.detach() * len(idx)
-            routed_sum += (1.0 if masks is None else masks.float().mean()) * len(idx)
+            step_ce[s:e] = ce
+            step_logits[s:e] = logits.detach()
+            loss_sum.add_(loss.detach(), alpha=e - s)
+            if masks is not None:
+                routed += masks.sum()
         self._route(None)
         if self.head_shield is not None:
             self.head_shield.mask = None
-        return {"train_loss": float(loss_sum) / n, "routed_fraction": None if self.router is None else float(routed_sum) / n,
-                "step_ce": step_ce, "step_logits": step_logits}
+        if self.router is None:
+            routed_fraction = None
+        else:
+            routed_fraction = 1.0 if p_route is None else float(routed) / (n * self.router.num_layers)
+        return {"train_loss": float(loss_sum) / n, "routed_fraction": routed_fraction,
+                "step_ce": _unpermuted(step_ce, positions), "step_logits": _unpermuted(step_logits, positions)}
 
     @torch.inference_mode()
     def predict(self, split, gamma, passes, desc):
@@ -437,6 +448,13 @@ class Run:
         io.write_json(tmp / "labels.json", {"label_names": self.label_names, "base_model": self.model_path})
         io.replace_dir(tmp, final)
         return final
+
+
+def _unpermuted(values, positions):
+    """values[i] belongs to sample positions[i]: the same values in sample order."""
+    out = torch.empty_like(values)
+    out[positions] = values
+    return out
 
 
 def _epoch_line(r, total):
