@@ -246,6 +246,11 @@ def _rows_of(obj, rows, total):
     return obj
 
 
+def _to_device_at_once(tensors, device):
+    """1-D tensors of one dtype on `device` through a single copy (views of it)."""
+    return torch.cat(tensors).to(device).split([len(t) for t in tensors])
+
+
 @contextlib.contextmanager
 def shared_prefix_passes(model, router, masks, passes):
     """Run `passes` stochastic forward passes of n samples as one forward of passes x n rows
@@ -260,17 +265,23 @@ def shared_prefix_passes(model, router, masks, passes):
     n, L = masks.shape[0] // passes, masks.shape[1]
     same = (masks.view(passes, n, L) == masks[:n]).cummin(2).values.view(passes * n, L)
     same[:n] = False  # pass 0 computes every row
-    same_host = same.cpu()
+    # Which rows each layer computes is worked out on the host (the one sync); what the layers need
+    # goes back to the device in two copies rather than a few launches per layer.
+    same_host, masks_host = torch.cat([same, masks]).cpu().split(passes * n)
+    row_sets, layer_masks = [], []
+    for l in range(L):
+        rows, copy_to = (~same_host[:, l]).nonzero().squeeze(1), same_host[:, l].nonzero().squeeze(1)
+        row_sets += [rows, copy_to, copy_to % n]
+        layer_masks.append(masks_host[rows, l].float())
+    row_sets, layer_masks = _to_device_at_once(row_sets, masks.device), _to_device_at_once(layer_masks, masks.device)
     container = model.get_submodule(router.layer_paths[0].rpartition(".")[0])
     indices = [int(p.rpartition(".")[2]) for p in router.layer_paths]
     originals = [container[i] for i in indices]
-    float_masks = masks.T.to(torch.float32, memory_format=torch.contiguous_format)
     try:
         for l, i in enumerate(indices):
-            rows = (~same_host[:, l]).nonzero().squeeze(1).to(masks.device)
-            copy_to = same_host[:, l].nonzero().squeeze(1).to(masks.device)
-            container[i] = _SharedPrefixLayer(originals[l], router.layers[l], float_masks[l].index_select(0, rows),
-                                              rows, copy_to, copy_to % n, passes * n)
+            rows, copy_to, copy_from = row_sets[3 * l: 3 * l + 3]
+            container[i] = _SharedPrefixLayer(originals[l], router.layers[l], layer_masks[l], rows, copy_to,
+                                              copy_from, passes * n)
         yield
     finally:
         for l, i in enumerate(indices):
