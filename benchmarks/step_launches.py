@@ -12,12 +12,11 @@ Counted: every aten operation of a step that does GPU work (views, empty allocat
 metadata-only operations are left out) and every Triton kernel launch. The routed layers and the
 loss take their GPU code path (CLEAR_FAST_AUTO_BACKEND=triton under Triton's interpreter, so their
 kernels are counted as the launches they are on a GPU, not as the CPU path's operations), and AdamW
-uses foreach, its default on CUDA. Not counted: the CPU-only check that float routing masks hold
-0/1 (on a GPU it would be a host sync, so it is skipped there), and reads of a scalar to the host
-(.item(): AdamW's step counts, which live on the CPU; transformers' check of the attention mask,
-one per forward, the same in every variant). One aten operation may launch more
-than one kernel on a GPU (a foreach op over many tensors, some reductions): the counts are of
-dispatches, the unit each host cost above is measured in.
+is fused, as clear_fast.trainer.Run makes it on CUDA. Not counted: the CPU-only check that float
+routing masks hold 0/1 (on a GPU it would be a host sync, so it is skipped there), and reads of a
+scalar to the host (.item(): transformers' check of the attention mask, one per forward, the same
+in every variant). One aten operation may launch more than one kernel on a GPU (some reductions):
+the counts are of dispatches, the unit each host cost above is measured in.
 
 Variants as in epoch_table.py (clear-lora at routed fraction 0.68 with masks, CE + consistency;
 lora: the routed layer with every sample routed, CE only; peft; the released-code reference), on
@@ -124,7 +123,7 @@ def count_step(run, batch, p_route, teacher):
     """Launches of one training step (as epoch_table.step_fn takes it), by phase."""
     run.model.train()
     for group in run.optimizer.param_groups:
-        group["foreach"] = True  # CUDA's default; the CPU's is a per-tensor loop
+        group["fused"] = True  # what Run uses on CUDA; the CPU's default is a per-tensor loop
 
     def step(counter=None):
         def phase(name):
