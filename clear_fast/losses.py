@@ -21,7 +21,8 @@ def consistency_loss(logits, teacher_logits, temperature=1.0):
 def clear_loss(logits, labels, teacher_logits=None, weight=1.0, temperature=1.0, backend="auto"):
     """CE(f(x; m), y~) + lambda * consistency, with no per-sample weighting (as released).
 
-    logits [B, C]; labels [B] integers in [0, C); teacher_logits [B, C] or None (CE only).
+    logits [B, C]; labels [B] integers (any integer dtype) in [0, C); teacher_logits [B, C] or
+    None (CE only).
     Returns (total loss, per-sample CE detached, fp32): the latter feeds the train-steps
     clean-probability option. backend: "auto" (fused Triton kernels on CUDA tensors, torch
     otherwise), "torch" or "triton". On the Triton path a label outside [0, C) makes its CE and
@@ -29,6 +30,7 @@ def clear_loss(logits, labels, teacher_logits=None, weight=1.0, temperature=1.0,
     """
     check_backend(backend)
     _check_loss_inputs(logits, labels, teacher_logits, temperature)
+    labels = labels.long()  # any integer dtype; int64 as cross_entropy wants (no copy when it is)
     teacher = teacher_logits if teacher_logits is not None and weight > 0 else None
     if logits.shape[0] and use_triton(logits, backend) and not torch.compiler.is_compiling():
         if teacher is not None:
@@ -46,7 +48,8 @@ def _check_loss_inputs(logits, labels, teacher_logits, temperature):
     if not torch.is_tensor(logits) or logits.dim() != 2 or not logits.is_floating_point():
         raise ValueError(f"logits must be a floating-point tensor [batch, classes], got "
                          f"{tuple(logits.shape) if torch.is_tensor(logits) else type(logits).__name__}")
-    if not torch.is_tensor(labels) or labels.shape != logits.shape[:1] or labels.is_floating_point():
+    if (not torch.is_tensor(labels) or labels.shape != logits.shape[:1] or labels.is_floating_point()
+            or labels.is_complex() or labels.dtype == torch.bool):
         raise ValueError(f"labels must be integers of shape [{logits.shape[0]}] (one class index per "
                          f"row of logits), got "
                          f"{(tuple(labels.shape), labels.dtype) if torch.is_tensor(labels) else type(labels).__name__}")

@@ -25,7 +25,10 @@ def use_triton(t, backend):
     if t.is_cuda:
         return backend != "torch"
     if backend == "auto" and os.environ.get("CLEAR_FAST_AUTO_BACKEND") == "triton":
-        backend = "triton"
+        if not interpreting():
+            raise ValueError("CLEAR_FAST_AUTO_BACKEND=triton on CPU tensors needs TRITON_INTERPRET=1 "
+                             "set before triton is first imported (the kernels then run interpreted)")
+        return True
     if backend != "triton":
         return False
     if not interpreting():

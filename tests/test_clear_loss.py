@@ -93,12 +93,25 @@ def test_fused_loss_label_out_of_range_is_nan_not_a_wrong_number():
     ((torch.randn(4), torch.zeros(4, dtype=torch.long)), "logits must be a floating-point tensor"),
     ((torch.randn(4, 3), torch.zeros(5, dtype=torch.long)), "labels must be integers of shape \\[4\\]"),
     ((torch.randn(4, 3), torch.zeros(4)), "labels must be integers"),
+    ((torch.randn(4, 3), torch.zeros(4, dtype=torch.bool)), "labels must be integers"),
     ((torch.randn(4, 3), torch.zeros(4, dtype=torch.long), torch.randn(4, 2)), "teacher_logits must have"),
     ((torch.randn(4, 3), torch.zeros(4, dtype=torch.long), None, 1.0, 0.0), "temperature must be > 0"),
 ])
 def test_loss_rejects_bad_input(args, match):
     with pytest.raises(ValueError, match=match):
         clear_loss(*args)
+
+
+def test_loss_takes_any_integer_labels():
+    z, y = torch.randn(4, 3), torch.tensor([0, 2, 1, 2])
+    assert torch.equal(clear_loss(z, y.int())[1], clear_loss(z, y)[1])
+
+
+def test_auto_backend_env_needs_the_interpreter(monkeypatch):
+    monkeypatch.setenv("CLEAR_FAST_AUTO_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="CLEAR_FAST_AUTO_BACKEND=triton on CPU tensors needs TRITON_INTERPRET=1"):
+        clear_loss(torch.randn(2, 3), torch.zeros(2, dtype=torch.long))
 
 
 def test_loss_unknown_backend():
