@@ -1,4 +1,4 @@
-"""CleaR's training loss in two Triton launches forward and one backward.
+"""CleaR's training loss in one Triton launch forward and one backward.
 
 For logits z [B, C], observed labels y [B] and, optionally, teacher logits t [B, C] (detached),
 temperature T and weight w (clear_fast.losses.clear_loss, whose torch path is the reference):
