@@ -128,6 +128,7 @@ def test_auto_backend_env_runs_a_training_step_on_the_kernels(monkeypatch):
     from clear_fast.kernels import clear_loss as loss_kernels, routed_lora
     from clear_fast.model import draw_routing_masks, inject_routed_lora
 
+    monkeypatch.delenv("CLEAR_FAST_AUTO_BACKEND", raising=False)  # the first step is the CPU path
     torch.manual_seed(0)
     model = BertForSequenceClassification(BertConfig(vocab_size=2000, hidden_size=32, num_hidden_layers=2,
                                                      num_attention_heads=2, intermediate_size=64, num_labels=4,
