@@ -36,10 +36,12 @@ def check_case(B, C, teacher, weight, temperature, device, dtype=torch.float32):
     (loss_t, ce_t, grad_t), (loss_k, ce_k, grad_k) = out["torch"], out["triton"]
     assert ce_k.dtype == torch.float32 and loss_k.shape == () and grad_k.dtype == dtype
     assert not ce_k.requires_grad
-    torch.testing.assert_close(loss_k, loss_t, rtol=2e-6, atol=2e-6)
-    torch.testing.assert_close(ce_k, ce_t, rtol=2e-6, atol=2e-6)
+    # fp32 sums in other orders (chunked log-sum-exps) and, compiled, exp2-based exponentials: a few
+    # ulp of the log-sum-exp (~10 here) apart, which the gradient's softmax inherits
+    torch.testing.assert_close(loss_k, loss_t, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ce_k, ce_t, rtol=1e-5, atol=1e-5)
     # the gradient in the logits' dtype: both paths round the same fp32 gradient to it
-    tol = dict(rtol=2e-6, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-4)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-4)
     torch.testing.assert_close(grad_k, grad_t, **tol)
 
 
