@@ -26,6 +26,7 @@ import triton.language as tl
 
 _ELEMENTS = 4096  # rows x classes per block: three fp32 blocks of this size stay in registers
 _MAX_CHUNK = 256
+NUM_WARPS = 4  # both kernels (tests/compile_kernels.py builds them with it)
 
 
 def _blocks(rows, classes):
@@ -130,7 +131,7 @@ def clear_loss_forward(logits, labels, teacher, weight, temperature):
     has_t = teacher is not None
     _forward_kernel[(1,)](logits, labels, teacher if has_t else logits, loss, ce, stats, B, C,
                           1.0 / temperature, weight * temperature ** 2, HAS_TEACHER=has_t,
-                          BLOCK_B=block_b, BLOCK_C=block_c, num_warps=4)
+                          BLOCK_B=block_b, BLOCK_C=block_c, num_warps=NUM_WARPS)
     return loss, ce, stats
 
 
@@ -144,5 +145,5 @@ def clear_loss_backward(grad_loss, logits, labels, teacher, stats, weight, tempe
     _backward_kernel[(triton.cdiv(B, block_b),)](
         grad_loss, logits, labels, teacher if has_t else logits, stats, dz, B, C,
         1.0 / temperature, weight * temperature, HAS_TEACHER=has_t, BLOCK_B=block_b,
-        BLOCK_C=block_c, num_warps=4)
+        BLOCK_C=block_c, num_warps=NUM_WARPS)
     return dz

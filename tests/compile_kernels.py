@@ -82,10 +82,10 @@ def clear_loss_variants():
         tag = f"logits {zd} teacher {has_t} blocks {block_b} x {block_c}"
         yield (f"loss forward {tag}", clear_loss._forward_kernel,
                dict(z_ptr=POINTER[zd], y_ptr="*i64", t_ptr="*fp32", loss_ptr="*fp32", ce_ptr="*fp32",
-                    stats_ptr="*fp32"), consts, dict(num_warps=4))
+                    stats_ptr="*fp32"), consts, dict(num_warps=clear_loss.NUM_WARPS))
         yield (f"loss backward {tag}", clear_loss._backward_kernel,
                dict(g_ptr="*fp32", z_ptr=POINTER[zd], y_ptr="*i64", t_ptr="*fp32", stats_ptr="*fp32",
-                    dz_ptr=POINTER[zd]), consts, dict(num_warps=4))
+                    dz_ptr=POINTER[zd]), consts, dict(num_warps=clear_loss.NUM_WARPS))
 
 
 def main():

@@ -122,7 +122,7 @@ def test_loss_unknown_backend():
 
 
 @interpreter
-def test_auto_backend_env_runs_a_training_step_on_the_kernels(monkeypatch):
+def test_auto_backend_env_runs_a_training_step_on_the_kernels(monkeypatch, record_calls):
     """CLEAR_FAST_AUTO_BACKEND=triton: a routed model's layers and loss take their kernels on CPU
     tensors, and the step's loss and adapter gradients match the CPU path's."""
     from transformers import BertConfig, BertForSequenceClassification
@@ -141,12 +141,8 @@ def test_auto_backend_env_runs_a_training_step_on_the_kernels(monkeypatch):
     ids, y = torch.randint(1000, 2000, (3, 7)), torch.tensor([0, 3, 1])
     router.set_masks(draw_routing_masks(torch.tensor([1.0, 0.0, 1.0]), router.num_layers))
     teacher = torch.randn(3, 4)
-    launches = []
-    for name in ("lora_forward_", "lora_backward"):
-        monkeypatch.setattr(routed_lora, name, lambda *a, _f=getattr(routed_lora, name), _n=name, **k:
-                            launches.append(_n) or _f(*a, **k))
-    monkeypatch.setattr(loss_kernels, "clear_loss_forward", lambda *a, _f=loss_kernels.clear_loss_forward:
-                        launches.append("loss") or _f(*a))
+    launches = record_calls(routed_lora, "lora_forward_", "lora_backward")
+    record_calls(loss_kernels, "clear_loss_forward")
 
     def step():
         model.zero_grad()
@@ -160,7 +156,7 @@ def test_auto_backend_env_runs_a_training_step_on_the_kernels(monkeypatch):
     loss, grads = step()
     n = len(router.modules())
     assert launches.count("lora_forward_") == n and launches.count("lora_backward") == n
-    assert launches.count("loss") == 1
+    assert launches.count("clear_loss_forward") == 1
     torch.testing.assert_close(loss, cpu_loss, rtol=1e-5, atol=1e-6)
     for a, b in zip(grads, cpu_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -394,7 +394,8 @@ def test_clean_detection_per_class_figures_by_hand():
 
 @pytest.mark.skipif(not interpreting(), reason="Triton on CPU tensors needs TRITON_INTERPRET=1")
 @pytest.mark.filterwarnings("error:clean-probability pass")  # the shared-prefix pass must not fall back
-def test_training_on_the_gpu_code_path_matches_the_cpu_path(tiny_models, toy_files, tmp_path, monkeypatch):
+def test_training_on_the_gpu_code_path_matches_the_cpu_path(tiny_models, toy_files, tmp_path, monkeypatch,
+                                                             record_calls):
     """CLEAR_FAST_AUTO_BACKEND=triton: the whole method (routed layers, fused loss, the mixture's
     kernel, the shared-prefix pass) runs the kernels a GPU runs, through the interpreter, and
     trains as the CPU path does: the same routing, accuracies and clean-detection per epoch."""
@@ -402,10 +403,9 @@ def test_training_on_the_gpu_code_path_matches_the_cpu_path(tiny_models, toy_fil
     from clear_fast.kernels import clear_loss as loss_kernels, routed_lora
 
     monkeypatch.delenv("CLEAR_FAST_AUTO_BACKEND", raising=False)  # the first run is the CPU path
-    used = set()
-    for module, name in ((routed_lora, "lora_forward_"), (routed_lora, "lora_backward"),
-                         (loss_kernels, "clear_loss_forward"), (clear_fast.mixture, "em_step_triton")):
-        monkeypatch.setattr(module, name, lambda *a, _f=getattr(module, name), _n=name, **k: used.add(_n) or _f(*a, **k))
+    record_calls(routed_lora, "lora_forward_", "lora_backward")
+    record_calls(loss_kernels, "clear_loss_forward")
+    used = record_calls(clear_fast.mixture, "em_step_triton")
     records = {}
     for backend in ("torch", "triton"):
         if backend == "triton":
@@ -414,7 +414,7 @@ def test_training_on_the_gpu_code_path_matches_the_cpu_path(tiny_models, toy_fil
         assert main(cli(tiny_models["bert"], toy_files, out, "--noise-rate", "0.3", "--no-plots",
                         "--no-save-adapter", "--num-epochs", "2")) == 0
         records[backend] = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-        assert used == (set() if backend == "torch" else
+        assert set(used) == (set() if backend == "torch" else
                         {"lora_forward_", "lora_backward", "clear_loss_forward", "em_step_triton"})
     for cpu, gpu_path in zip(*records.values()):
         assert gpu_path["routed_fraction"] == cpu["routed_fraction"]
