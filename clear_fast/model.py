@@ -282,11 +282,33 @@ def shared_prefix_passes(model, router, masks, passes):
             rows, copy_to, copy_from = row_sets[3 * l: 3 * l + 3]
             container[i] = _SharedPrefixLayer(originals[l], router.layers[l], layer_masks[l], rows, copy_to,
                                               copy_from, passes * n)
-        yield
+        with _without_cudnn_attention():
+            yield
     finally:
         for l, i in enumerate(indices):
             container[i] = originals[l]
         router.set_masks(None)
+
+
+@contextlib.contextmanager
+def _without_cudnn_attention():
+    """scaled_dot_product_attention without its cuDNN backend, the others as the user set them.
+    The number of rows a shared-prefix layer computes changes from call to call, and cuDNN's
+    attention (which torch picks for bf16 on an H100) builds an execution plan for every new shape:
+    ~20 ms of host time per layer call, which made the bf16 pass 10x slower than separate passes
+    (benchmarks/results/probe_bf16_pass_gpu_nvidia_h100_80gb_hbm3.log). The other backends take any
+    batch size as it comes."""
+    cudnn_on = torch.backends.cuda.cudnn_sdp_enabled()
+    others_on = (torch.backends.cuda.flash_sdp_enabled() or torch.backends.cuda.mem_efficient_sdp_enabled()
+                 or torch.backends.cuda.math_sdp_enabled())
+    if not (cudnn_on and others_on):  # cuDNN already off, or the only backend the user allows
+        yield
+        return
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(True)
 
 
 @torch.inference_mode()
