@@ -210,8 +210,11 @@ def step_memory(run, fn, device):
     allocated before the step, on the CPU the activations saved for backward."""
     params = list(run.model.parameters())
     state = [v for s in run.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
-    grads = [p.grad for p in params if p.requires_grad]  # the previous step's, same sizes
-    static = _unique_bytes(params) + _unique_bytes(state) + _unique_bytes(grads)
+    # Gradients: one per trainable parameter, of its size. Not read from p.grad: under CUDA graphs
+    # (--compile reduce-overhead) the previous step's gradients are graph outputs that another
+    # case's replay has overwritten, and touching them raises.
+    grads = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
+    static = _unique_bytes(params) + _unique_bytes(state) + grads
     if device.type == "cuda":
         sync(device)
         before = torch.cuda.memory_allocated(device)
