@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Everything a GPU session should check and time. Each step has a timeout; all of them together take
 # longer than one 600 s device call (and a session gets 15 min of device time in all), so pick
-# steps. Measured on an H200 (2026-11-26): gpu_tests with GPU_TESTS=tests/test_lora_kernels.py
-# GPU_TESTS_ARGS="-k cuda" 36-50 s, kernel_sweep (SWEEP_ARGS="--fractions 1.0") ~60 s, host_overhead
-# ~30 s, epoch_table ~200 s, epoch_bf16 ~100 s, plus ~40 s to start a machine per call. Next plan:
-#   STEPS="gpu_tests host_overhead epoch_compiled" GPU_TESTS="tests/test_lora_kernels.py \
-#       tests/test_clear_loss.py" GPU_TESTS_ARGS="-k cuda" bash benchmarks/gpu_all.sh
-#   STEPS="epoch_table epoch_bf16" bash benchmarks/gpu_all.sh
+# steps. Measured on an H100 (2026-11-26, ~30 s to start a machine per call): gpu_tests with
+# GPU_TESTS="tests/test_lora_kernels.py tests/test_clear_loss.py" GPU_TESTS_ARGS="-k cuda" 48 s of
+# tests, host_overhead ~30 s, epoch_table ~200 s, epoch_bf16 ~100 s (those four: 380 s in one call),
+# lora_table + mixture_table ~130 s, probe_bf16 ~50 s; on an H200 kernel_sweep
+# (SWEEP_ARGS="--fractions 1.0") ~60 s. Next plan (one call, ~450 s):
+#   STEPS="epoch_bf16 epoch_compiled probe_bf16" bash benchmarks/gpu_all.sh
 # or a subset, e.g. STEPS="gpu_tests epoch_table" GPU_TESTS=tests/test_gmm_kernel.py (results also
 # land in $OUT when the device tool sets it; a second call in one command needs its own OUT).
 # The GPU machine has torch, triton, transformers, scikit-learn, pytest(-benchmark) and peft but no
@@ -32,7 +32,7 @@ $PY -c "import clear_fast.kernels.gmm" || echo "clear_fast does not import: ever
 
 step() {  # step NAME SECONDS COMMAND...: run with a timeout, log to $LOG/NAME.log, print its tail
     local name=$1 secs=$2; shift 2
-    [[ " ${STEPS:-gpu_tests kernel_sweep host_overhead host_overhead_fp32 lora_table mixture_table epoch_table epoch_bf16 epoch_compiled} " == *" $name "* ]] || return 0
+    [[ " ${STEPS:-gpu_tests kernel_sweep host_overhead host_overhead_fp32 lora_table mixture_table epoch_table epoch_bf16 probe_bf16 epoch_compiled} " == *" $name "* ]] || return 0
     echo "== $name"
     timeout "$secs" "$@" >"$LOG/$name.log" 2>&1
     echo "   exit $?"
@@ -57,6 +57,8 @@ step mixture_table 100 $PY benchmarks/mixture_table.py --repeats 5 --sklearn-max
 step epoch_table 240 $PY benchmarks/epoch_table.py --models minilm bert-base --lengths 64 128 --epoch-samples 1280
 # the same under bf16 autocast (--bf16 on the CLI), at length 128; writes epoch_<device>_bf16.*
 step epoch_bf16 150 $PY benchmarks/epoch_table.py --models minilm bert-base --lengths 128 --epoch-samples 1280 --bf16
+# where the bf16 clean-probability pass spends its time (torch.profiler; Triton recompiles)
+step probe_bf16 120 $PY benchmarks/probe_bf16_pass.py
 # steps of compiled models (CUDA graphs): what a host-bound step costs without the host launching
 # each kernel; writes epoch_<device>_compile_reduce-overhead.*
 step epoch_compiled 200 $PY benchmarks/epoch_table.py --models minilm bert-base --lengths 128 --compile reduce-overhead
