@@ -31,6 +31,7 @@ from triton.runtime import driver  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from kernels import routed_lora as rl  # noqa: E402  (the source tree, installed or not)
+from kernels.utils import cdiv  # noqa: E402
 
 
 class StandInDriver:
@@ -77,10 +78,8 @@ def main():
     meta = rl._launch_meta(c, R, x.dtype, a.dtype, y.dtype, b.dtype, torch.get_float32_matmul_precision(), None)
 
     def bare_forward():
-        rl._forward_kernel[(triton.cdiv(M, c.block_m),)](
-            x, a, b, y, u, mask, M, K, N, R, rows_per_mask, 2.0,
-            x.stride(0), x.stride(1), a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-            y.stride(0), y.stride(1), u.stride(0), u.stride(1), **meta)
+        rl._forward_kernel[(cdiv(M, c.block_m),)](
+            x, a, b, y, u, mask, M, K, N, R, rows_per_mask, 2.0, **meta)
 
     rows = {"forward launcher": lambda: rl.lora_forward_(y, x, a, b, mask, rows_per_mask, 2.0),
             "forward bare launch": bare_forward,

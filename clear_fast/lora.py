@@ -198,7 +198,7 @@ class RoutedLoRAFunction(torch.autograd.Function):
         if need[0]:
             dx = dy @ weight
         if need[1] and x_lora is not None:
-            dx_lora = torch.zeros_like(xl)
+            dx_lora = torch.zeros_like(xl, memory_format=torch.contiguous_format)  # the kernel writes it as rows
         # The adapter's input gradient goes into dx, or into dx_lora when the adapter has its own
         # (dropout) input.
         dA, dB = _lora_backward(dy, xl, u, lora_A, lora_B, mask, ctx.rows_per_mask, ctx.scaling,

@@ -24,14 +24,16 @@ import torch
 import triton
 import triton.language as tl
 
+from .utils import cdiv, next_power_of_2
+
 _ELEMENTS = 4096  # rows x classes per block: three fp32 blocks of this size stay in registers
 _MAX_CHUNK = 256
 NUM_WARPS = 4  # both kernels (tests/compile_kernels.py builds them with it)
 
 
 def _blocks(rows, classes):
-    block_c = min(triton.next_power_of_2(classes), _MAX_CHUNK)
-    block_b = min(triton.next_power_of_2(rows), max(1, _ELEMENTS // block_c))
+    block_c = min(next_power_of_2(classes), _MAX_CHUNK)
+    block_b = min(next_power_of_2(rows), max(1, _ELEMENTS // block_c))
     return block_b, block_c
 
 
@@ -142,7 +144,7 @@ def clear_loss_backward(grad_loss, logits, labels, teacher, stats, weight, tempe
     dz = torch.empty_like(logits, memory_format=torch.contiguous_format)
     block_b, block_c = _blocks(B, C)
     has_t = teacher is not None
-    _backward_kernel[(triton.cdiv(B, block_b),)](
+    _backward_kernel[(cdiv(B, block_b),)](
         grad_loss, logits, labels, teacher if has_t else logits, stats, dz, B, C,
         1.0 / temperature, weight * temperature, HAS_TEACHER=has_t, BLOCK_B=block_b,
         BLOCK_C=block_c, num_warps=NUM_WARPS)

@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .utils import cdiv, next_power_of_2
+
 LOG_2PI = math.log(2.0 * math.pi)
 EPS10 = 10.0 * torch.finfo(torch.float64).eps  # scikit-learn adds this to every sum of r
 BLOCK = 1024  # samples per tile
@@ -166,10 +168,10 @@ class EMPlan:
             raise ValueError(f"N * n_components = {n * n_components} exceeds the kernel's int32 "
                              "offsets (2^31)")
         self.x, self.n, self.k = x, n, n_components
-        self.kp = max(2, triton.next_power_of_2(n_components))  # no size-1 aranges
-        tiles = triton.cdiv(n, BLOCK)
+        self.kp = max(2, next_power_of_2(n_components))  # no size-1 aranges
+        tiles = cdiv(n, BLOCK)
         self.programs = min(tiles, MAX_PROGRAMS)
-        self.tiles_per_program = triton.cdiv(tiles, self.programs)
+        self.tiles_per_program = cdiv(tiles, self.programs)
         opts = dict(dtype=torch.float64, device=x.device)
         self.stats = torch.zeros(max_iter + 1, self.programs, 4, self.kp, **opts)
         self.params = torch.zeros(max_iter + 1, 3, self.kp, **opts)
@@ -189,7 +191,7 @@ class EMPlan:
             self.x, self.n, self.tiles_per_program, self.stats, self.params,
             self.x if resp is None else resp,
             self._consts(reg_covar), it, self.programs,
-            K=self.k, KP=self.kp, PP=max(2, triton.next_power_of_2(self.programs)), BLOCK=BLOCK,
+            K=self.k, KP=self.kp, PP=max(2, next_power_of_2(self.programs)), BLOCK=BLOCK,
             FROM_STATS=from_stats, STORE_RESP=resp is not None, num_warps=4,
         )
 

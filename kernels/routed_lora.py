@@ -50,7 +50,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .utils import acc_dtype, interpreting
+from .utils import acc_dtype, cdiv, interpreting, next_power_of_2
 
 
 class TileConfig(NamedTuple):
@@ -105,7 +105,7 @@ def _precision(dot_dtype, fp32_precision=None):
 
 
 def _block_r(r):
-    return max(16, triton.next_power_of_2(r))  # tl.dot needs every dimension >= 16
+    return max(16, next_power_of_2(r))  # tl.dot needs every dimension >= 16
 
 
 @triton.jit
@@ -118,7 +118,7 @@ def _tile_rows(mask_ptr, start, M, rows_per_mask, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _rows_times_wt(p_ptr, s_pm, s_pk, w_ptr, s_wr, s_wk, rows, routed, K, R,
+def _rows_times_wt(p_ptr, w_ptr, rows, routed, K, R,
                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
                    DOT: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
     """P[rows] W^T for one tile, [BLOCK_M, BLOCK_R] in ACC: P [M, K], W [R, K]; rows that are not
@@ -127,16 +127,16 @@ def _rows_times_wt(p_ptr, s_pm, s_pk, w_ptr, s_wr, s_wk, rows, routed, K, R,
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        p = tl.load(p_ptr + rows[:, None] * s_pm + ks[None, :] * s_pk,
+        p = tl.load(p_ptr + rows[:, None] * K + ks[None, :],
                     mask=routed[:, None] & (ks[None, :] < K), other=0.0)
-        w = tl.load(w_ptr + rr[None, :] * s_wr + ks[:, None] * s_wk,
+        w = tl.load(w_ptr + rr[None, :] * K + ks[:, None],
                     mask=(rr[None, :] < R) & (ks[:, None] < K), other=0.0)
         acc = tl.dot(p.to(DOT), w.to(DOT), acc, input_precision=PRECISION, out_dtype=ACC)
     return acc
 
 
 @triton.jit
-def _add_rows_times_wt_(y_ptr, s_ym, s_yn, u, w_ptr, s_wn, s_wr, rows, routed, N, R, scaling,
+def _add_rows_times_wt_(y_ptr, u, w_ptr, rows, routed, N, R, scaling,
                         BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
                         DOT: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
     """In place Y[rows] += scaling * u W^T, routed rows only (others neither read nor written):
@@ -145,11 +145,11 @@ def _add_rows_times_wt_(y_ptr, s_ym, s_yn, u, w_ptr, s_wn, s_wr, rows, routed, N
     u = u.to(DOT)
     for n0 in range(0, N, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        w = tl.load(w_ptr + cols[None, :] * s_wn + rr[:, None] * s_wr,
+        w = tl.load(w_ptr + cols[None, :] * R + rr[:, None],
                     mask=(rr[:, None] < R) & (cols[None, :] < N), other=0.0)
         delta = tl.dot(u, w.to(DOT), input_precision=PRECISION, out_dtype=ACC)
         io = routed[:, None] & (cols[None, :] < N)
-        _add_scaled_(y_ptr + rows[:, None] * s_ym + cols[None, :] * s_yn, io, io, delta, scaling, ACC)
+        _add_scaled_(y_ptr + rows[:, None] * N + cols[None, :], io, io, delta, scaling, ACC)
 
 
 @triton.jit
@@ -163,28 +163,26 @@ def _add_scaled_(ptrs, load_mask, store_mask, delta, scaling, ACC: tl.constexpr)
 # variant per divisibility class of M and of the sequence length, seconds each on first use).
 @triton.jit(do_not_specialize=["M", "rows_per_mask"])
 def _forward_kernel(x_ptr, a_ptr, b_ptr, y_ptr, u_ptr, mask_ptr, M, K, N, R, rows_per_mask, scaling,
-                    s_xm, s_xk, s_ar, s_ak, s_bn, s_br, s_ym, s_yn, s_um, s_ur,
                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_R: tl.constexpr, DOT_A: tl.constexpr, DOT_B: tl.constexpr,
                     ACC: tl.constexpr, PRECISION_A: tl.constexpr, PRECISION_B: tl.constexpr):
-    """One row tile: U = m x A^T (stored for the backward), then Y += s U B^T."""
+    """One row tile: U = m x A^T (stored for the backward), then Y += s U B^T. Every tensor is
+    row-major contiguous (x [M, K], a [R, K], b [N, R], y [M, N], u [M, R])."""
     rows, m, routed = _tile_rows(mask_ptr, tl.program_id(0) * BLOCK_M, M, rows_per_mask, BLOCK_M)
     if tl.max(routed.to(tl.int32), axis=0) > 0:  # an all-bypassed tile does nothing at all
-        u = _rows_times_wt(x_ptr, s_xm, s_xk, a_ptr, s_ar, s_ak, rows, routed, K, R,
+        u = _rows_times_wt(x_ptr, a_ptr, rows, routed, K, R,
                            BLOCK_M, BLOCK_K, BLOCK_R, DOT_A, ACC, PRECISION_A)
         u = u * m[:, None].to(ACC)
         rr = tl.arange(0, BLOCK_R)
-        tl.store(u_ptr + rows[:, None] * s_um + rr[None, :] * s_ur, u,
+        tl.store(u_ptr + rows[:, None] * R + rr[None, :], u,
                  mask=(rows[:, None] < M) & (rr[None, :] < R))
-        _add_rows_times_wt_(y_ptr, s_ym, s_yn, u, b_ptr, s_bn, s_br, rows, routed, N, R, scaling,
+        _add_rows_times_wt_(y_ptr, u, b_ptr, rows, routed, N, R, scaling,
                             BLOCK_N, BLOCK_R, DOT_B, ACC, PRECISION_B)
 
 
 @triton.jit(do_not_specialize=["M", "rows_per_mask", "tiles_per_program"])
 def _backward_kernel(dy_ptr, x_ptr, u_ptr, a_ptr, b_ptr, dx_ptr, part_ptr, mask_ptr,
                      M, K, N, R, rows_per_mask, tiles_per_program, scaling,
-                     s_dym, s_dyn, s_xm, s_xk, s_um, s_ur, s_ar, s_ak, s_bn, s_br, s_dxm, s_dxk,
-                     s_part,
                      HAS_DX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, DOT_A: tl.constexpr,
                      DOT_B: tl.constexpr, DOT_G: tl.constexpr, ACC: tl.constexpr,
@@ -194,23 +192,24 @@ def _backward_kernel(dy_ptr, x_ptr, u_ptr, a_ptr, b_ptr, dx_ptr, part_ptr, mask_
     (HAS_DX) and dA = s G^T X. The sums over rows go to this program's slot of part (dA [R, K]
     row-major, then dB [N, R] row-major), which torch sums over programs (deterministic, no
     atomics). The first routed tile of a run stores its terms, later ones add to them; a run
-    without one stores zeros."""
+    without one stores zeros. Every tensor is row-major contiguous (dy [M, N], x and dx [M, K],
+    u [M, R], a [R, K], b [N, R], part [programs, R * K + N * R])."""
     rr = tl.arange(0, BLOCK_R)
-    part_a = part_ptr + tl.program_id(0).to(tl.int64) * s_part
+    part_a = part_ptr + tl.program_id(0).to(tl.int64) * (R * K + N * R)
     part_b = part_a + R * K
     started = tl.full([], 0, tl.int1)  # whether this program's slot holds a sum yet
     for t in range(0, tiles_per_program):
         start = (tl.program_id(0) * tiles_per_program + t) * BLOCK_M
         rows, m, routed = _tile_rows(mask_ptr, start, M, rows_per_mask, BLOCK_M)
         if tl.max(routed.to(tl.int32), axis=0) > 0:
-            u = tl.load(u_ptr + rows[:, None] * s_um + rr[None, :] * s_ur,
+            u = tl.load(u_ptr + rows[:, None] * R + rr[None, :],
                         mask=routed[:, None] & (rr[None, :] < R), other=0.0)
             g = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC)
             for n0 in range(0, N, BLOCK_N):
                 cols = n0 + tl.arange(0, BLOCK_N)
-                dy = tl.load(dy_ptr + rows[:, None] * s_dym + cols[None, :] * s_dyn,
+                dy = tl.load(dy_ptr + rows[:, None] * N + cols[None, :],
                              mask=routed[:, None] & (cols[None, :] < N), other=0.0)
-                b = tl.load(b_ptr + cols[:, None] * s_bn + rr[None, :] * s_br,
+                b = tl.load(b_ptr + cols[:, None] * R + rr[None, :],
                             mask=(cols[:, None] < N) & (rr[None, :] < R), other=0.0)
                 g = tl.dot(dy.to(DOT_B), b.to(DOT_B), g, input_precision=PRECISION_B, out_dtype=ACC)
                 d = tl.dot(tl.trans(dy.to(DOT_G)), u.to(DOT_G), input_precision=PRECISION_G, out_dtype=ACC)
@@ -221,14 +220,14 @@ def _backward_kernel(dy_ptr, x_ptr, u_ptr, a_ptr, b_ptr, dx_ptr, part_ptr, mask_
             gd = g.to(DOT_A)
             for k0 in range(0, K, BLOCK_K):
                 ks = k0 + tl.arange(0, BLOCK_K)
-                x = tl.load(x_ptr + rows[:, None] * s_xm + ks[None, :] * s_xk,
+                x = tl.load(x_ptr + rows[:, None] * K + ks[None, :],
                             mask=routed[:, None] & (ks[None, :] < K), other=0.0)
                 if HAS_DX:
-                    a = tl.load(a_ptr + rr[:, None] * s_ar + ks[None, :] * s_ak,
+                    a = tl.load(a_ptr + rr[:, None] * K + ks[None, :],
                                 mask=(rr[:, None] < R) & (ks[None, :] < K), other=0.0)
                     delta = tl.dot(gd, a.to(DOT_A), input_precision=PRECISION_A, out_dtype=ACC)
                     io = routed[:, None] & (ks[None, :] < K)
-                    _add_scaled_(dx_ptr + rows[:, None] * s_dxm + ks[None, :] * s_dxk, io, io, delta,
+                    _add_scaled_(dx_ptr + rows[:, None] * K + ks[None, :], io, io, delta,
                                  scaling, ACC)
                 d = tl.dot(gt, x.to(DOT_G), input_precision=PRECISION_G, out_dtype=ACC)
                 io = (rr[:, None] < R) & (ks[None, :] < K)
@@ -274,20 +273,28 @@ def _launch_meta(c, r, x_dtype, a_dtype, y_dtype, b_dtype, fp32_precision, has_d
     return meta
 
 
+def _check_in_place(t, name):
+    if not t.is_contiguous():
+        raise ValueError(f"{name} is updated in place and must be contiguous (row-major), got strides "
+                         f"{t.stride()}")
+
+
 def lora_forward_(y, x, a, b, mask, rows_per_mask, scaling, config=None, half_dots=False):
     """In place: y[row] += scaling * m (x a^T) b^T for rows with m != 0; other rows untouched.
     y [M, N], x [M, K], a [R, K], b [N, R], mask [G] float32 (row i uses mask[i // rows_per_mask]).
     Returns U = m x a^T [M, R] in acc_dtype(x.dtype), for the backward; rows with m == 0 undefined.
-    config: a TileConfig (default CONFIG); half_dots=True sets its half_dots (autocast)."""
+    config: a TileConfig (default CONFIG); half_dots=True sets its half_dots (autocast).
+    The kernels take row-major contiguous tensors, no strides (each launch argument costs host
+    time): the inputs are made so here, y (written in place) must be."""
+    _check_in_place(y, "y")
+    x, a, b = x.contiguous(), a.contiguous(), b.contiguous()
     c = _config(config, half_dots)
     M, K = x.shape
     N, R = b.shape
     u = torch.empty((M, R), device=x.device, dtype=acc_dtype(x.dtype))
     meta = _launch_meta(c, R, x.dtype, a.dtype, y.dtype, b.dtype, torch.get_float32_matmul_precision(), None)
-    _forward_kernel[(triton.cdiv(M, c.block_m),)](
-        x, a, b, y, u, mask, M, K, N, R, rows_per_mask, float(scaling),
-        x.stride(0), x.stride(1), a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-        y.stride(0), y.stride(1), u.stride(0), u.stride(1), **meta)
+    _forward_kernel[(cdiv(M, c.block_m),)](
+        x, a, b, y, u, mask, M, K, N, R, rows_per_mask, float(scaling), **meta)
     return u
 
 
@@ -296,26 +303,27 @@ def lora_backward(dy, x, u, a, b, mask, rows_per_mask, scaling, dx=None, config=
     """The adapter's part of the backward, routed rows only. dy [M, N], x [M, K] (the LoRA input),
     u [M, R] from lora_forward_, a [R, K], b [N, R]. With G = m dy b: in place dx[row] += scaling *
     G a when dx [M, K] is given; returns (dA, dB) = (scaling * G^T x [R, K], scaling * dy^T u [N, R])
-    in acc_dtype(dy.dtype). config, half_dots: as for lora_forward_."""
+    in acc_dtype(dy.dtype). config, half_dots, contiguity: as for lora_forward_ (dx as y)."""
+    if dx is not None:
+        _check_in_place(dx, "dx")
+    dy, x, u, a, b = dy.contiguous(), x.contiguous(), u.contiguous(), a.contiguous(), b.contiguous()
     c = _config(config, half_dots)
     M, N = dy.shape
     K, R = x.shape[1], u.shape[1]
-    tiles = triton.cdiv(M, c.block_m)
-    tiles_per_program = triton.cdiv(tiles, min(tiles, BACKWARD_PROGRAMS))
-    programs = triton.cdiv(tiles, tiles_per_program)
+    tiles = cdiv(M, c.block_m)
+    tiles_per_program = cdiv(tiles, min(tiles, BACKWARD_PROGRAMS))
+    programs = cdiv(tiles, tiles_per_program)
     part = torch.empty((programs, R * K + N * R), device=dy.device, dtype=acc_dtype(dy.dtype))
     has_dx = dx is not None
     meta = _launch_meta(c, R, dy.dtype, a.dtype, dy.dtype, b.dtype, torch.get_float32_matmul_precision(), has_dx)
     if not has_dx:
         dx = dy  # never read nor written (HAS_DX is off); any pointer will do
     _backward_kernel[(programs,)](
-        dy, x, u, a, b, dx, part, mask, M, K, N, R, rows_per_mask, tiles_per_program,
-        float(scaling),
-        dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), u.stride(0), u.stride(1),
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), dx.stride(0), dx.stride(1),
-        part.stride(0), **meta)
+        dy, x, u, a, b, dx, part, mask, M, K, N, R, rows_per_mask, tiles_per_program, float(scaling),
+        **meta)
     total = part[0] if programs == 1 else part.sum(0)
-    return total[:R * K].view(R, K), total[R * K:].view(N, R)
+    # dA and dB are its two halves (as_strided: one call each, half the host time of slice + view)
+    return total.as_strided((R, K), (K, 1)), total.as_strided((N, R), (R, 1), total.storage_offset() + R * K)
 
 
 # ---------------------------------------------------------------- plain PyTorch references

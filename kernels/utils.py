@@ -37,6 +37,19 @@ def use_triton(t, backend):
     return True
 
 
+# Launchers use these two, not triton.cdiv / triton.next_power_of_2: those are ConstexprFunctions in
+# recent Triton, 2-6 us a call on the host (measured, triton 3.9), and a routed layer's launches
+# are host-bound at training sizes.
+def cdiv(a, b):
+    """ceil(a / b) for ints, b > 0."""
+    return -(-a // b)
+
+
+def next_power_of_2(n):
+    """The smallest power of 2 >= n (1 for n <= 1)."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def acc_dtype(dtype):
     """Accumulator dtype for products of inputs in `dtype`: fp64 for fp64, else fp32."""
     return torch.float64 if dtype == torch.float64 else torch.float32

@@ -76,6 +76,53 @@ def test_kernels_skip_bypassed_tiles_entirely():
     assert torch.equal(dA2, dA) and torch.equal(dB2, dB)
 
 
+def test_launchers_take_strided_inputs_and_refuse_strided_outputs():
+    """The kernels index row-major tensors (no stride arguments): the launchers make strided
+    inputs contiguous (same results), and refuse an in-place output that is not (it would be
+    written at the wrong places)."""
+    g = torch.Generator().manual_seed(0)
+    M, K_, N, R = 96, 40, 24, 4
+    x, dy = torch.randn(M, K_, generator=g), torch.randn(M, N, generator=g)
+    A, B = torch.randn(R, K_, generator=g), torch.randn(N, R, generator=g)
+    mask = torch.tensor([1.0, 0.0, 1.0])
+
+    def strided(t):  # the same values in a transposed buffer
+        return t.T.contiguous().T
+
+    y, y_s = torch.zeros(M, N), torch.zeros(M, N)
+    u = K.lora_forward_(y, x, A, B, mask, 32, 0.5)
+    u_s = K.lora_forward_(y_s, strided(x), strided(A), strided(B), mask, 32, 0.5)
+    assert torch.equal(y, y_s) and torch.equal(u[mask.repeat_interleave(32) > 0], u_s[mask.repeat_interleave(32) > 0])
+    dx, dx_s = torch.zeros(M, K_), torch.zeros(M, K_)
+    grads = K.lora_backward(dy, x, u, A, B, mask, 32, 0.5, dx)
+    grads_s = K.lora_backward(strided(dy), strided(x), strided(u), strided(A), strided(B), mask, 32, 0.5, dx_s)
+    assert torch.equal(dx, dx_s) and all(torch.equal(a, b) for a, b in zip(grads, grads_s))
+    with pytest.raises(ValueError, match="y is updated in place and must be contiguous"):
+        K.lora_forward_(strided(y), x, A, B, mask, 32, 0.5)
+    with pytest.raises(ValueError, match="dx is updated in place and must be contiguous"):
+        K.lora_backward(dy, x, u, A, B, mask, 32, 0.5, strided(dx))
+
+
+def test_layer_with_a_strided_dropout_input():
+    """x_lora (the adapter's own input) given as a strided view: its gradient buffer is made
+    row-major for the kernel, and the result matches the torch path."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 12, 16, generator=g, requires_grad=True)
+    W, A, B = torch.randn(8, 16, generator=g), torch.randn(4, 16, generator=g), torch.randn(8, 4, generator=g)
+    wide = torch.randn(2, 12, 32, generator=g).requires_grad_()
+    mask = torch.tensor([1.0, 1.0])
+    out = {}
+    for backend in ("torch", "triton"):
+        for t in (x, wide):
+            t.grad = None
+        x_lora = wide[..., :16]  # a view with row stride 32
+        routed_lora_linear(x, W, None, A, B, 0.5, mask, x_lora=x_lora, backend=backend).square().sum().backward()
+        out[backend] = (x.grad.clone(), wide.grad.clone())
+    for a, b in zip(out["torch"], out["triton"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert out["triton"][1][..., 16:].abs().max() == 0 and out["triton"][1][..., :16].abs().max() > 0
+
+
 def _launch_both(config, dtype=torch.float32, adapter_dtype=torch.float32, device="cpu", samples=3):
     """Forward and backward launchers on a mixed routed/bypassed problem (every second sample
     bypassed), and float64 expectations."""
@@ -139,6 +186,19 @@ def _check_tf32(device):
 @interpreter
 def test_tf32_dots_where_torch_allows_them(tf32_allowed):
     _check_tf32("cpu")
+
+
+def test_launch_helpers_match_tritons():
+    """The launchers' own cdiv and next_power_of_2 (cheaper on the host than Triton's) agree with
+    Triton's on every size a launch can see."""
+    import triton
+
+    from clear_fast.kernels.utils import cdiv, next_power_of_2
+
+    for n in range(1, 5000):
+        assert next_power_of_2(n) == triton.next_power_of_2(n), n
+        for block in (1, 3, 16, 32, 1024):
+            assert cdiv(n, block) == triton.cdiv(n, block), (n, block)
 
 
 def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
