@@ -135,6 +135,16 @@ def machine():
     return info
 
 
+def save_json_and_md(out_dir, stem, result, md):
+    """out_dir/stem.json (result) and out_dir/stem.md, each replaced whole or not at all."""
+    os.makedirs(out_dir, exist_ok=True)
+    for ext, text in (("json", json.dumps(result, indent=1)), ("md", md)):
+        path = os.path.join(out_dir, f"{stem}.{ext}")
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
+
+
 def device_tag(device):
     """The results files' name for a machine: cpu, or gpu_<name> (gpu_nvidia_h200)."""
     device = torch.device(device)

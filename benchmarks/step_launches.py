@@ -31,7 +31,6 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (thr
 import argparse  # noqa: E402
 import collections  # noqa: E402
 import contextlib  # noqa: E402
-import json  # noqa: E402
 import sys  # noqa: E402
 
 import torch  # noqa: E402
@@ -40,7 +39,7 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import epoch_table as et  # noqa: E402
-from mixture_table import machine  # noqa: E402
+from mixture_table import machine, save_json_and_md  # noqa: E402
 
 import clear_fast.lora  # noqa: E402
 from clear_fast.losses import clear_loss  # noqa: E402
@@ -183,7 +182,7 @@ def difference(a, b):
 
 
 def table(result):
-    lines = [f"# GPU work launched per training step (`python benchmarks/step_launches.py`)", "",
+    lines = ["# GPU work launched per training step (`python benchmarks/step_launches.py`)", "",
              f"{result['machine']['date']}; torch {result['machine']['torch']}, triton "
              f"{result['machine']['triton']}. Dispatches of aten operations that do GPU work plus "
              "Triton launches, with the routed layers and the loss on their GPU code path (see the "
@@ -214,13 +213,8 @@ def main(argv=None):
     clear = f"clear-lora@{et.GAMMA * (1 - NOISE):.2f}"
     result = {"machine": machine(), "batch": et.BATCH, "seq": SEQ, "models": models,
               "clear_lora_minus_lora": {m: difference(rows[clear], rows["lora"]) for m, rows in models.items()}}
-    os.makedirs(args.out, exist_ok=True)
     md = table(result)
-    for ext, text in (("json", json.dumps(result, indent=1)), ("md", md)):
-        path = os.path.join(args.out, f"step_launches.{ext}")
-        with open(path + ".tmp", "w") as f:
-            f.write(text)
-        os.replace(path + ".tmp", path)
+    save_json_and_md(args.out, "step_launches", result, md)
     print(md)
 
 

@@ -1,0 +1,147 @@
+"""Host time of a training step and of one layer call, on the GPU's code path, without a GPU.
+
+    TRITON_INTERPRET=0 python benchmarks/step_host_cost.py [--models minilm bert-base] [--rounds 7]
+
+A training step at batch 32 is host-bound on a GPU (benchmarks/results/epoch_gpu_*.md): the step
+costs what its host work costs - Python, autograd, aten's dispatch and the kernel launches. This
+times that host work here: the routed layers and the loss take their GPU code path (Triton
+kernels compiled for sm_90 behind launcher_host_cost.py's stand-in driver, the final driver call a
+no-op), aten operations run on CPU tensors of tiny widths (their dispatch, not their arithmetic,
+is what costs), and AdamW is fused as Run makes it on CUDA. Not included: the CUDA driver's own
+launch calls (a few us each on a GPU host) and the hand-off of backward() to autograd's device
+thread (once per step). Kernel outputs are left unwritten, so the numbers computed are garbage:
+only the time is read.
+
+Rows: per step, by variant (epoch_table.py's variants, routed fraction 0.68 for clear-lora);
+per layer call, forward + backward of the routed layer (all routed; clear-lora's masks) against
+peft's LoRA and F.linear. Median of rounds, each the minimum per call over a loop, the variants
+interleaved. The model structure is that of MiniLM / BERT-base (layer counts), widths tiny.
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    sys.exit("run with TRITON_INTERPRET=0: this times the compiled kernels' launch path")
+
+import torch  # noqa: E402
+from triton.compiler.compiler import CompiledKernel  # noqa: E402
+from triton.runtime import driver  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import epoch_table as et  # noqa: E402
+import step_launches as sl  # noqa: E402
+from launcher_host_cost import StandInDriver, _no_gpu_handles  # noqa: E402
+from mixture_table import machine, save_json_and_md  # noqa: E402
+
+import clear_fast.kernels.utils as kernel_utils  # noqa: E402
+
+
+def gpu_code_path():
+    """Kernels compiled for sm_90 and launched into a no-op: 'auto' picks them on CPU tensors."""
+    driver.set_active(StandInDriver())
+    CompiledKernel._init_handles = _no_gpu_handles
+    os.environ["CLEAR_FAST_AUTO_BACKEND"] = "triton"
+    kernel_utils.interpreting = lambda: True  # use_triton's guard: the kernels are compiled, not interpreted
+
+
+def per_call_us(fn, calls):
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - t0) / calls * 1e6
+
+
+def interleaved(fns, rounds, calls):
+    """{label: median over rounds of us per call}, every label once per round."""
+    for fn in fns.values():
+        fn()
+        fn()
+    times = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            times[k].append(per_call_us(fn, calls))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def step_fns(model_name):
+    """{variant: a training step as epoch_table.step_fn takes it} on a batch of 32 x 16 tokens."""
+    et.MODELS[model_name + "-small"] = sl.MODELS[model_name]
+    base = et.base_classifier(model_name + "-small")
+    g = torch.Generator().manual_seed(1)
+    batch = {"input_ids": torch.randint(1000, et.VOCAB, (et.BATCH, sl.SEQ), generator=g),
+             "attention_mask": torch.ones(et.BATCH, sl.SEQ, dtype=torch.long),
+             "labels": torch.randint(0, et.NUM_LABELS, (et.BATCH,), generator=g)}
+    teacher = torch.randn(et.BATCH, et.NUM_LABELS, generator=g)
+    fns = {}
+    for kind in et.VARIANTS:
+        model, router = et.build(kind, base, torch.device("cpu"))
+        run = et.make_run(kind, model, router, torch.device("cpu"))
+        for group in run.optimizer.param_groups:
+            group["fused"] = True  # what Run uses on CUDA
+        routed = kind in ("clear-lora", "reference")
+        p = et.GAMMA * et.clean_flags(et.BATCH, sl.NOISE, seed=2) if routed else None
+        label = f"{kind}@{et.GAMMA * (1 - sl.NOISE):.2f}" if routed else kind
+        fns[label] = et.step_fn(run, batch, p, teacher if routed else None)
+    return fns
+
+
+def layer_fns(width=32, rows=(32, 16)):
+    """{variant: forward + backward of one layer call} at a tiny width."""
+    from peft import LoraConfig, get_peft_model
+
+    from clear_fast import RoutedLoRALinear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(width, width)
+    routed = RoutedLoRALinear.from_linear(linear, r=et.LORA["r"], lora_alpha=et.LORA["lora_alpha"])
+    peft_layer = get_peft_model(torch.nn.Sequential(torch.nn.Linear(width, width)),
+                                LoraConfig(r=et.LORA["r"], lora_alpha=et.LORA["lora_alpha"], target_modules=["0"]))
+    x = torch.randn(*rows, width, requires_grad=True)
+    mask = torch.rand(rows[0]) < 0.68
+
+    def fwd_bwd(fn):
+        return lambda: fn().sum().backward()
+
+    return {"routed, mask": fwd_bwd(lambda: routed(x, mask)),
+            "routed, no mask": fwd_bwd(lambda: routed(x)),
+            "peft": fwd_bwd(lambda: peft_layer(x)),
+            "F.linear": fwd_bwd(lambda: linear(x))}
+
+
+def table(result):
+    lines = ["# Host time of a step and of a layer call, GPU code path, no GPU", "",
+             "`TRITON_INTERPRET=0 python benchmarks/step_host_cost.py` (method: the module docstring)", "",
+             "Machine: " + ", ".join(f"{k} {v}" for k, v in result["machine"].items()), "",
+             "| what | variant | host us | / F.linear |", "|---|---|---:|---:|"]
+    layer = result["layer_us"]
+    lines += [f"| layer fwd+bwd | {k} | {v:.1f} | {v / layer['F.linear']:.2f} |" for k, v in layer.items()]
+    lines += ["", "| model | variant | host ms per step | / lora | / peft |", "|---|---|---:|---:|---:|"]
+    for name, steps in result["step_us"].items():
+        lines += [f"| {name} | {k} | {v / 1e3:.2f} | {v / steps['lora']:.3f} | {v / steps['peft']:.3f} |"
+                  for k, v in steps.items()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", nargs="+", default=["minilm", "bert-base"], choices=list(sl.MODELS))
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)  # unwritten kernel outputs may hold denormals, slow on a CPU
+    gpu_code_path()
+    result = {"machine": machine(), "rounds": args.rounds,
+              "layer_us": interleaved(layer_fns(), args.rounds, calls=200),
+              "step_us": {name: interleaved(step_fns(name), args.rounds, calls=5) for name in args.models}}
+    md = table(result)
+    save_json_and_md(args.out, "step_host_cost", result, md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
