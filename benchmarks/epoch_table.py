@@ -335,7 +335,7 @@ def predict_naive(run, split, gamma, passes=2):
         for s in range(0, len(split), BATCH):
             batch = split.batch(np.arange(s, min(s + BATCH, len(split))), run.device)
             run._route(torch.full((len(batch["index"]),), gamma, device=run.device))
-            out[batch["index"].to(run.device)] += run._logits(batch)
+            out[batch["index"]] += run._logits(batch)
     run._route(None)
     return out / passes
 

@@ -11,7 +11,7 @@ from clear_fast.kernels.utils import interpreting
 from clear_fast.losses import clear_loss, consistency_loss
 from clear_fast.model import draw_routing_masks, layer_index
 from clear_fast.train import main
-from clear_fast.trainer import Run
+from clear_fast.trainer import Run, Tokenized
 
 WORDS = {0: "alpha apple amber", 1: "bravo banana blue", 2: "charlie cherry cyan", 3: "delta date dune"}
 
@@ -425,3 +425,21 @@ def test_training_on_the_gpu_code_path_matches_the_cpu_path(tiny_models, toy_fil
             assert gpu_path[key] == cpu[key], key
         # (measured 1e-7 relative: rounding; the kernels' gradients are tested one by one elsewhere)
         assert abs(gpu_path["train_loss"] - cpu["train_loss"]) < 1e-5 * abs(cpu["train_loss"])
+
+
+def test_batches_pad_each_text_to_the_longest_of_the_batch():
+    """Tokenized.batch (vectorised, one copy) against the batch written out text by text: ids
+    padded with the pad id, mask 1 on real tokens, labels and index of the chosen samples."""
+    rng = np.random.default_rng(0)
+    texts = [rng.integers(5, 1000, k).tolist() for k in (3, 1, 7, 7, 2, 5)]
+    split = Tokenized(texts, [0, 1, 2, 0, 1, 2], pad_id=4)
+    for index in ([2, 0, 5], [1], [4, 1], list(range(6))):
+        got = split.batch(index, "cpu")
+        width = max(len(texts[i]) for i in index)
+        ids = torch.tensor([texts[i] + [4] * (width - len(texts[i])) for i in index])
+        mask = torch.tensor([[1] * len(texts[i]) + [0] * (width - len(texts[i])) for i in index])
+        assert torch.equal(got["input_ids"], ids) and got["input_ids"].dtype == torch.long
+        assert torch.equal(got["attention_mask"], mask) and got["attention_mask"].dtype == torch.long
+        assert got["labels"].tolist() == [[0, 1, 2, 0, 1, 2][i] for i in index]
+        assert got["index"].tolist() == index
+    assert len(split) == 6 and len(Tokenized([], [])) == 0
