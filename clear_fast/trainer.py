@@ -198,8 +198,11 @@ class Run:
         positions = torch.as_tensor(order, device=self.device)
         p_route = None if p_route is None else p_route[positions]
         teacher = None if teacher is None else teacher[positions]
-        step_ce = torch.empty(n, device=self.device)
-        step_logits = torch.empty(n, len(self.label_names), device=self.device)
+        # the steps' per-sample CE and logits feed the clean-probability fit with --clean-prob-source
+        # train-steps only; otherwise they are not kept (two copies per step saved)
+        record = cfg.clean_prob_source == "train-steps"
+        step_ce = torch.empty(n, device=self.device) if record else None
+        step_logits = torch.empty(n, len(self.label_names), device=self.device) if record else None
         loss_sum = torch.zeros((), device=self.device)
         routed = torch.zeros((), device=self.device, dtype=torch.long)  # adapter passes: samples x layers
         for s in tqdm(range(0, n, cfg.batch_size), desc=f"epoch {epoch + 1} steps", leave=False,
@@ -215,8 +218,9 @@ class Run:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
-            step_ce[s:e] = ce
-            step_logits[s:e] = logits.detach()
+            if record:
+                step_ce[s:e] = ce
+                step_logits[s:e] = logits.detach()
             loss_sum.add_(loss.detach(), alpha=e - s)
             if masks is not None:
                 routed += masks.sum()
@@ -228,7 +232,8 @@ class Run:
         else:
             routed_fraction = 1.0 if p_route is None else float(routed) / (n * self.router.num_layers)
         return {"train_loss": float(loss_sum) / n, "routed_fraction": routed_fraction,
-                "step_ce": _unpermuted(step_ce, positions), "step_logits": _unpermuted(step_logits, positions)}
+                "step_ce": _unpermuted(step_ce, positions) if record else None,
+                "step_logits": _unpermuted(step_logits, positions) if record else None}
 
     @torch.inference_mode()
     def predict(self, split, gamma, passes, desc):
