@@ -204,9 +204,10 @@ class Run:
         step_ce = torch.empty(n, device=self.device) if record else None
         step_logits = torch.empty(n, len(self.label_names), device=self.device) if record else None
         loss_sum = torch.zeros((), device=self.device)
-        routed = torch.zeros((), device=self.device, dtype=torch.long)  # adapter passes: samples x layers
-        for s in tqdm(range(0, n, cfg.batch_size), desc=f"epoch {epoch + 1} steps", leave=False,
-                      disable=not cfg.progress):
+        steps = range(0, n, cfg.batch_size)
+        routed = torch.zeros(len(steps), device=self.device, dtype=torch.long)  # adapter passes per step
+        for i, s in enumerate(tqdm(steps, desc=f"epoch {epoch + 1} steps", leave=False,
+                                   disable=not cfg.progress)):
             e = min(s + cfg.batch_size, n)
             batch = self.train.batch(order[s:e], self.device)
             masks = self._route(None if p_route is None else p_route[s:e])
@@ -223,14 +224,14 @@ class Run:
                 step_logits[s:e] = logits.detach()
             loss_sum.add_(loss.detach(), alpha=e - s)
             if masks is not None:
-                routed += masks.sum()
+                torch.sum(masks, (0, 1), out=routed[i])  # one launch; += would take two
         self._route(None)
         if self.head_shield is not None:
             self.head_shield.mask = None
         if self.router is None:
             routed_fraction = None
         else:
-            routed_fraction = 1.0 if p_route is None else float(routed) / (n * self.router.num_layers)
+            routed_fraction = 1.0 if p_route is None else float(routed.sum()) / (n * self.router.num_layers)
         return {"train_loss": float(loss_sum) / n, "routed_fraction": routed_fraction,
                 "step_ce": _unpermuted(step_ce, positions) if record else None,
                 "step_logits": _unpermuted(step_logits, positions) if record else None}
