@@ -10,7 +10,7 @@ shared-prefix pass. On an H100 (benchmarks/results/probe_bf16_pass_gpu_nvidia_h1
 before the fix) the bf16 shared-prefix pass took 2.4-2.6 s against 0.18 s for separate passes, 90 %
 of it host time in aten::_cudnn_attention_forward (~20 ms a call: cuDNN builds a plan per new
 shape, and the shared prefix's row counts change every call); no Triton recompiles. Fixed by
-clear_fast.model._without_cudnn_attention.
+clear_fast.model.without_cudnn_attention.
 """
 import os, sys, time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

@@ -282,7 +282,7 @@ def shared_prefix_passes(model, router, masks, passes):
             rows, copy_to, copy_from = row_sets[3 * l: 3 * l + 3]
             container[i] = _SharedPrefixLayer(originals[l], router.layers[l], layer_masks[l], rows, copy_to,
                                               copy_from, passes * n)
-        with _without_cudnn_attention():
+        with without_cudnn_attention():
             yield
     finally:
         for l, i in enumerate(indices):
@@ -291,7 +291,7 @@ def shared_prefix_passes(model, router, masks, passes):
 
 
 @contextlib.contextmanager
-def _without_cudnn_attention():
+def without_cudnn_attention():
     """scaled_dot_product_attention without its cuDNN backend, the others as the user set them.
     The number of rows a shared-prefix layer computes changes from call to call, and cuDNN's
     attention (which torch picks for bf16 on an H100) builds an execution plan for every new shape:

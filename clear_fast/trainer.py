@@ -22,7 +22,7 @@ from .config import TrainConfig
 from .losses import clear_loss
 from .mixture import clean_probability
 from .model import (HeadShield, draw_routing_masks, inject_routed_lora, load_classifier, save_peft_adapter,
-                    sentence_embeddings, shared_prefix_passes)
+                    sentence_embeddings, shared_prefix_passes, without_cudnn_attention)
 
 ROUTED_METHODS = ("clear-lora", "oracle-lora")
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "results.json")
@@ -287,7 +287,8 @@ class Run:
                 got = self._shared_forward(few, few_masks)
             except Exception as e:  # a layer the sharing cannot drive
                 return self._stop_sharing(f"{type(e).__name__}: {e}")
-            want = sum(self._masked_logits(few, m) for m in few_masks)
+            with without_cudnn_attention():  # the attention the shared forward runs, like for like
+                want = sum(self._masked_logits(few, m) for m in few_masks)
             err = float((got - want).abs().max())
             if not err <= 1e-3 * (1 + float(want.abs().max())):
                 return self._stop_sharing(f"its logits differ from separate passes by {err:.3g}")

@@ -316,12 +316,21 @@ def test_shared_prefix_pass_equals_separate_passes(tiny_models, toy_files, tmp_p
         return forward(self, hidden_states, *args, **kwargs)
 
     monkeypatch.setattr(model_module._SharedPrefixLayer, "forward", counting)
+    checked, masked_logits = [], run._masked_logits  # separate passes: only the first batch's check
+
+    def check_pass(*args):
+        checked.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return masked_logits(*args)
+
+    monkeypatch.setattr(run, "_masked_logits", check_pass)
     assert torch.backends.cuda.cudnn_sdp_enabled()
     shared = _predict(run, seed=1)
     assert run._share_prefix and run._share_prefix_checked
     assert sum(r for r, _, _ in computed) < sum(t for _, t, _ in computed)  # some rows were copied
-    # cuDNN's attention (a plan per new row count) is off inside the shared pass, back on after
-    assert not any(cudnn for _, _, cudnn in computed) and torch.backends.cuda.cudnn_sdp_enabled()
+    # cuDNN's attention (a plan per new row count) is off inside the shared pass and its check, back on after
+    assert checked and not any(checked) and not any(cudnn for _, _, cudnn in computed)
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    monkeypatch.undo()
     run._share_prefix = False
     separate = _predict(run, seed=1)
     err = float((shared - separate).abs().max())
