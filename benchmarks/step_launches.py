@@ -144,8 +144,9 @@ def count_step(run, batch, p_route, teacher):
     return counter.counts
 
 
-def measure(model_name, kinds=et.VARIANTS):
-    """{variant label: launches by phase and name} of one step of each variant."""
+def measure(model_name, kinds=et.VARIANTS, bf16=False):
+    """{variant label: launches by phase and name} of one step of each variant (bf16: under bf16
+    autocast, as --bf16 trains)."""
     et.MODELS[model_name + "-small"] = MODELS[model_name]
     base = et.base_classifier(model_name + "-small")
     g = torch.Generator().manual_seed(1)
@@ -156,7 +157,7 @@ def measure(model_name, kinds=et.VARIANTS):
     rows = {}
     for kind in kinds:
         model, router = et.build(kind, base, torch.device("cpu"))
-        run = et.make_run(kind, model, router, torch.device("cpu"))
+        run = et.make_run(kind, model, router, torch.device("cpu"), bf16=bf16)
         routed = kind in ("clear-lora", "reference")
         p = et.GAMMA * et.clean_flags(et.BATCH, NOISE, seed=2) if routed else None
         label = f"{kind}@{et.GAMMA * (1 - NOISE):.2f}" if routed else kind

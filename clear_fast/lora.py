@@ -357,6 +357,7 @@ class RoutedLoRALinear(nn.Module):
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.routing_mask = None
         self.merged = False
+        self._frozen_cast = None  # (key, weight, bias) in autocast's dtype; see _frozen_in
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -392,8 +393,25 @@ class RoutedLoRALinear(nn.Module):
             return F.linear(x, self.weight, self.bias)
         dropout = self.training and isinstance(self.lora_dropout, nn.Dropout)
         x_lora = self.lora_dropout(x) if dropout else None
-        return routed_lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
-                                  mask, x_lora=x_lora)
+        weight, bias = self.weight, self.bias
+        if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
+            weight, bias = self._frozen_in(torch.get_autocast_dtype(x.device.type))
+        return routed_lora_linear(x, weight, bias, self.lora_A, self.lora_B, self.scaling, mask, x_lora=x_lora)
+
+    def _frozen_in(self, dtype):
+        """The frozen weight and bias in autocast's dtype, cast once and reused while they stay
+        unchanged (same storage, same version): autocast would cast them at every call, a launch
+        and a pass over W each (the same values). Not while torch.compile traces (it handles the
+        casts itself), nor for a weight or bias made trainable (the gradient must reach it)."""
+        w, b = self.weight, self.bias
+        if (w.dtype == dtype or w.requires_grad or (b is not None and b.requires_grad)
+                or torch.compiler.is_compiling()):
+            return w, b
+        key = (dtype, w.device, w.data_ptr(), w._version, None if b is None else (b.data_ptr(), b._version))
+        if self._frozen_cast is None or self._frozen_cast[0] != key:
+            with torch.inference_mode(False), torch.no_grad():  # usable in training after an eval pass
+                self._frozen_cast = (key, w.to(dtype), None if b is None else b.to(dtype))
+        return self._frozen_cast[1], self._frozen_cast[2]
 
     def _delta_weight(self):
         return (self.lora_B @ self.lora_A * self.scaling).to(self.weight.dtype)

@@ -451,6 +451,55 @@ def test_autocast_runs_the_frozen_linear_in_autocast_dtype():
     assert layer.lora_A.grad.abs().sum() > 0
 
 
+def test_autocast_casts_the_frozen_weight_once_while_it_is_unchanged():
+    """Under autocast the layer keeps the frozen weight and bias in autocast's dtype between calls
+    (autocast would cast them at every call): the same output and gradients as casting each time,
+    one cast reused, a new one after an in-place change of the weight or under another autocast
+    dtype, none for a trainable weight, and a cast made in an inference pass serves training."""
+    layer = _layer_with_adapter()
+    x = torch.randn(3, 5, 16)
+    m = torch.tensor([1.0, 0.0, 1.0])
+    bf = torch.bfloat16
+
+    def step(layer):
+        xg = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=bf):
+            y = layer(xg, m)
+        y.float().square().sum().backward()
+        grads = (xg.grad, layer.lora_A.grad.clone(), layer.lora_B.grad.clone())
+        layer.zero_grad()
+        return y, grads
+
+    def cast_each_time(layer):
+        xg = x.clone().requires_grad_()
+        A, B = (t.detach().clone().requires_grad_() for t in (layer.lora_A, layer.lora_B))
+        with torch.autocast("cpu", dtype=bf):
+            y = routed_lora_linear(xg, layer.weight, layer.bias, A, B, layer.scaling, m)
+        y.float().square().sum().backward()
+        return y, (xg.grad, A.grad, B.grad)
+
+    with torch.inference_mode(), torch.autocast("cpu", dtype=bf):
+        layer(x, m)  # first cast inside an inference pass
+    cast = layer._frozen_cast[1]
+    assert cast.dtype == bf and not cast.is_inference()
+    for _ in range(2):
+        got, want = step(layer), cast_each_time(layer)
+        assert layer._frozen_cast[1] is cast  # reused
+        assert torch.equal(got[0], want[0]) and all(torch.equal(a, b) for a, b in zip(got[1], want[1]))
+    with torch.no_grad():
+        layer.weight.mul_(1.5)  # an in-place change (as merge() makes): cast again
+    got, want = step(layer), cast_each_time(layer)
+    assert layer._frozen_cast[1] is not cast and torch.equal(got[0], want[0])
+    with torch.autocast("cpu", dtype=torch.float16):
+        layer(x, m)
+    assert layer._frozen_cast[1].dtype == torch.float16  # another autocast dtype: cast again
+    layer.weight.requires_grad_(True)  # a trainable weight is never cached: its gradient must flow
+    xg = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=bf):
+        layer(xg, m).float().sum().backward()
+    assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+
+
 def test_zero_rows():
     layer = _layer_with_adapter()
     assert layer(torch.randn(0, 5, 16)).shape == (0, 5, 10)
