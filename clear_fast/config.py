@@ -72,6 +72,9 @@ class TrainConfig:
     num_epochs: int = _f(6, "training epochs (warm-up included)")
     batch_size: int = _f(32, "training batch size")
     eval_batch_size: int = _f(128, "batch size of no-grad passes")
+    pad_to_multiple_of: int = _f(1, "pad each batch's length up to a multiple of this, at most --max-length "
+                                 "(1: to its longest text). With --compile, fewer shapes to compile and, under "
+                                 "reduce-overhead, to record as CUDA graphs; results equal up to rounding")
     shared_prefix_pass: bool = _f(True, "run the clean-probability pass's ensemble passes as one batch that "
                                   "computes a sample's layers in pass e > 0 only from the first layer whose "
                                   "mask differs from pass 0's (same masks and logits as separate passes up "
@@ -127,7 +130,8 @@ class TrainConfig:
                        f"{', '.join(CLEAN_PROB_SOURCES)}")
         if not 0.0 <= self.noise_rate < 1.0:
             bad.append(f"--noise-rate must be in [0, 1), got {self.noise_rate}")
-        for name in ("batch_size", "eval_batch_size", "num_epochs", "r", "max_length", "ensemble_passes"):
+        for name in ("batch_size", "eval_batch_size", "num_epochs", "r", "max_length", "ensemble_passes",
+                     "pad_to_multiple_of"):
             if getattr(self, name) < 1:
                 bad.append(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
         for name in ("warmup_epochs", "max_train_samples", "max_eval_samples"):

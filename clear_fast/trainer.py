@@ -33,19 +33,21 @@ class Tokenized:
     """Token ids of one split, tokenised once and kept as one flat array (no Python list per text);
     batches are padded to their own longest text."""
 
-    def __init__(self, ids, labels, pad_id=0):
+    def __init__(self, ids, labels, pad_id=0, pad_to_multiple_of=1, max_width=None):
+        """pad_to_multiple_of: batches are padded up to a multiple of it, but not beyond max_width
+        (or their longest text, if longer)."""
         ids = [np.asarray(x, dtype=np.int64).reshape(-1) for x in ids]
         self.lengths = np.array([len(x) for x in ids], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(self.lengths)[:-1]]).astype(np.int64)
         self.tokens = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
         self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
-        self.pad_id = pad_id
+        self.pad_id, self.multiple, self.max_width = pad_id, pad_to_multiple_of, max_width
 
     @classmethod
-    def from_texts(cls, tokenizer, texts, labels, max_length):
+    def from_texts(cls, tokenizer, texts, labels, max_length, pad_to_multiple_of=1):
         enc = tokenizer(list(texts), truncation=True, max_length=max_length)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        return cls(enc["input_ids"], labels, pad)
+        return cls(enc["input_ids"], labels, pad, pad_to_multiple_of, max_length)
 
     def __len__(self):
         return len(self.lengths)
@@ -58,6 +60,9 @@ class Tokenized:
         index = np.asarray(index, dtype=np.int64)
         n, lengths = len(index), self.lengths[index]
         width = int(lengths.max())
+        if self.multiple > 1:
+            padded = -(-width // self.multiple) * self.multiple
+            width = max(width, padded if self.max_width is None else min(padded, self.max_width))
         cols = np.arange(width)
         real = cols[None, :] < lengths[:, None]
         at = np.minimum(self.offsets[index][:, None] + cols[None, :], max(len(self.tokens) - 1, 0))
@@ -127,7 +132,8 @@ class Run:
 
         self.model, tokenizer, self.model_path = load_classifier(cfg.model, data.num_classes, self.label_names)
         self.model.to(self.device)
-        tok = lambda s: Tokenized.from_texts(tokenizer, s.texts, s.labels, cfg.max_length) if s is not None else None
+        tok = lambda s: (Tokenized.from_texts(tokenizer, s.texts, s.labels, cfg.max_length, cfg.pad_to_multiple_of)
+                         if s is not None else None)
         self.train, self.dev, self.test = tok(self.train_split), tok(dev_split), tok(test_split)
         self.true_labels = self.train.labels.clone()
 

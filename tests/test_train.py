@@ -452,3 +452,34 @@ def test_batches_pad_each_text_to_the_longest_of_the_batch():
         assert got["labels"].tolist() == [[0, 1, 2, 0, 1, 2][i] for i in index]
         assert got["index"].tolist() == index
     assert len(split) == 6 and len(Tokenized([], [])) == 0
+
+
+def test_batches_padded_to_a_multiple_stop_at_the_longest_allowed():
+    """--pad-to-multiple-of: the batch length rounds up to the multiple (extra columns are padding
+    with mask 0), never beyond max_width, never below the longest text."""
+    texts = [[7] * k for k in (3, 9, 14)]
+    split = Tokenized(texts, [0, 1, 0], pad_id=4, pad_to_multiple_of=8, max_width=12)
+    assert split.batch([0], "cpu")["input_ids"].shape == (1, 8)
+    b = split.batch([0, 1], "cpu")
+    assert b["input_ids"].shape == (2, 12)  # 9 -> 16, capped at 12
+    assert b["attention_mask"].sum(1).tolist() == [3, 9] and b["input_ids"][1, 9:].eq(4).all()
+    assert split.batch([2], "cpu")["input_ids"].shape == (1, 14)  # longer than the cap (not truncated here)
+    assert Tokenized(texts, [0, 1, 0], pad_to_multiple_of=8).batch([1], "cpu")["input_ids"].shape == (1, 16)
+
+
+def test_padding_to_a_multiple_changes_only_rounding(tiny_models, toy_files, tmp_path):
+    """A model's logits on batches padded to a multiple equal those on batches padded to their
+    longest text, up to rounding; the option is validated."""
+    run = Run(parse_config(cli(tiny_models["bert"], toy_files, tmp_path / "a", "--no-plots")))
+    run.load()
+    run.model.eval()
+    index = np.arange(len(run.test))
+    plain = run.test.batch(index, "cpu")
+    run.test.multiple = 16
+    padded = run.test.batch(index, "cpu")
+    assert padded["input_ids"].shape[1] % 16 == 0 and padded["input_ids"].shape[1] > plain["input_ids"].shape[1]
+    with torch.no_grad():
+        a, b = (run.model(input_ids=x["input_ids"], attention_mask=x["attention_mask"]).logits for x in (plain, padded))
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="--pad-to-multiple-of must be a positive integer"):
+        parse_config(cli(tiny_models["bert"], toy_files, tmp_path / "b", "--pad-to-multiple-of", "0"))
