@@ -73,8 +73,9 @@ class TrainConfig:
     batch_size: int = _f(32, "training batch size")
     eval_batch_size: int = _f(128, "batch size of no-grad passes")
     pad_to_multiple_of: int = _f(1, "pad each batch's length up to a multiple of this, at most --max-length "
-                                 "(1: to its longest text). With --compile, fewer shapes to compile and, under "
-                                 "reduce-overhead, to record as CUDA graphs; results equal up to rounding")
+                                 "(1: to its longest text): a few batch shapes instead of one per length, for "
+                                 "--compile-mode reduce-overhead, which records a CUDA graph per shape; results "
+                                 "equal up to rounding")
     shared_prefix_pass: bool = _f(True, "run the clean-probability pass's ensemble passes as one batch that "
                                   "computes a sample's layers in pass e > 0 only from the first layer whose "
                                   "mask differs from pass 0's (same masks and logits as separate passes up "
