@@ -12,8 +12,8 @@ launch calls (a few us each on a GPU host) and the hand-off of backward() to aut
 thread (once per step). Kernel outputs are left unwritten, so the numbers computed are garbage:
 only the time is read.
 
-Rows: per step, by variant (epoch_table.py's variants, routed fraction 0.68 for clear-lora);
-per layer call, forward + backward of the routed layer (all routed; clear-lora's masks) against
+Rows: building one batch (Tokenized.batch, every step's host work before its forward); per step,
+by variant (epoch_table.py's variants, routed fraction 0.68 for clear-lora); per layer call, forward + backward of the routed layer (all routed; clear-lora's masks) against
 peft's LoRA and F.linear. Median of rounds, each the minimum per call over a loop, the variants
 interleaved. The model structure is that of MiniLM / BERT-base (layer counts), widths tiny.
 """
@@ -26,6 +26,7 @@ import time
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     sys.exit("run with TRITON_INTERPRET=0: this times the compiled kernels' launch path")
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from triton.compiler.compiler import CompiledKernel  # noqa: E402
 from triton.runtime import driver  # noqa: E402
@@ -111,6 +112,13 @@ def layer_fns(width=32, rows=(32, 16)):
             "F.linear": fwd_bwd(lambda: linear(x))}
 
 
+def batch_fn(n=1280, length=128):
+    """Building one training batch of 32 (Tokenized.batch) from a split of lengths <= `length`."""
+    split = et.synthetic_split(n, length, seed=3)
+    index = np.random.default_rng(0).permutation(n)[: et.BATCH]
+    return {"Tokenized.batch": lambda: split.batch(index, torch.device("cpu"))}
+
+
 def table(result):
     lines = ["# Host time of a step and of a layer call, GPU code path, no GPU", "",
              "`TRITON_INTERPRET=0 python benchmarks/step_host_cost.py` (method: the module docstring)", "",
@@ -118,6 +126,7 @@ def table(result):
              "| what | variant | host us | / F.linear |", "|---|---|---:|---:|"]
     layer = result["layer_us"]
     lines += [f"| layer fwd+bwd | {k} | {v:.1f} | {v / layer['F.linear']:.2f} |" for k, v in layer.items()]
+    lines += [f"| batch of 32, length <= 128 | {k} | {v:.1f} | - |" for k, v in result["batch_us"].items()]
     lines += ["", "| model | variant | host ms per step | / lora | / peft |", "|---|---|---:|---:|---:|"]
     for name, steps in result["step_us"].items():
         lines += [f"| {name} | {k} | {v / 1e3:.2f} | {v / steps['lora']:.3f} | {v / steps['peft']:.3f} |"
@@ -137,6 +146,7 @@ def main(argv=None):
     gpu_code_path()
     result = {"machine": machine(), "rounds": args.rounds,
               "layer_us": interleaved(layer_fns(), args.rounds, calls=200),
+              "batch_us": interleaved(batch_fn(), args.rounds, calls=200),
               "step_us": {name: interleaved(step_fns(name), args.rounds, calls=5) for name in args.models}}
     md = table(result)
     save_json_and_md(args.out, "step_host_cost", result, md)

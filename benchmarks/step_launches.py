@@ -22,7 +22,7 @@ Variants as in epoch_table.py (clear-lora at routed fraction 0.68 with masks, CE
 lora: the routed layer with every sample routed, CE only; peft; the released-code reference), on
 random models with MiniLM's and BERT-base's layer counts but small widths (the count depends on
 the layers, not their sizes), batch 32, length 16, by phase: forward + loss, backward, optimizer.
-Writes benchmarks/results/step_launches.{json,md}.
+Writes benchmarks/results/step_launches.{json,md} (--bf16: step_launches_bf16.*, under bf16 autocast).
 """
 import os
 
@@ -183,11 +183,13 @@ def difference(a, b):
 
 
 def table(result):
-    lines = ["# GPU work launched per training step (`python benchmarks/step_launches.py`)", "",
+    command = "python benchmarks/step_launches.py" + (" --bf16" if result["bf16"] else "")
+    lines = [f"# GPU work launched per training step (`{command}`)", "",
              f"{result['machine']['date']}; torch {result['machine']['torch']}, triton "
              f"{result['machine']['triton']}. Dispatches of aten operations that do GPU work plus "
              "Triton launches, with the routed layers and the loss on their GPU code path (see the "
-             "script's docstring). Batch 32; MiniLM and BERT-base layer counts at small widths.", "",
+             "script's docstring). Batch 32; MiniLM and BERT-base layer counts at small widths"
+             + ("; under bf16 autocast." if result["bf16"] else "."), "",
              "| model | variant | forward + loss | backward | optimizer | step | of which Triton | step / lora |",
              "|---|---|---|---|---|---|---|---|"]
     for model, rows in result["models"].items():
@@ -205,17 +207,19 @@ def table(result):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--bf16", action="store_true", help="under bf16 autocast, as --bf16 trains "
+                    "(writes step_launches_bf16.*)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args(argv)
     if os.environ["TRITON_INTERPRET"] != "1":
         sys.exit("step_launches.py counts through Triton's interpreter: run it with TRITON_INTERPRET unset or 1")
     torch.manual_seed(0)
-    models = {m: measure(m) for m in args.models}
+    models = {m: measure(m, bf16=args.bf16) for m in args.models}
     clear = f"clear-lora@{et.GAMMA * (1 - NOISE):.2f}"
-    result = {"machine": machine(), "batch": et.BATCH, "seq": SEQ, "models": models,
+    result = {"machine": machine(), "batch": et.BATCH, "seq": SEQ, "bf16": args.bf16, "models": models,
               "clear_lora_minus_lora": {m: difference(rows[clear], rows["lora"]) for m, rows in models.items()}}
     md = table(result)
-    save_json_and_md(args.out, "step_launches", result, md)
+    save_json_and_md(args.out, "step_launches" + ("_bf16" if args.bf16 else ""), result, md)
     print(md)
 
 
