@@ -10,7 +10,9 @@ driver, and the final C call into the CUDA driver is replaced by a no-op, so wha
 the launch but cuLaunchKernel (a few us on a GPU host). Per call, minimum over 5 rounds:
 
   launcher        kernels.routed_lora.lora_forward_ / lora_backward as the layer calls them
-  bare launch     the same kernel launched with its arguments written out (Triton's own share)
+  Launcher call   the forward kernel launched through its kernels/launch.py Launcher, arguments
+                  written out (the launch's share of the forward launcher)
+  Triton launch   the same through Triton's own path, kernel[grid](...)
 
 Tensors are CPU tensors of small shapes (the backward's final torch sum of partial gradients, a
 GPU launch, runs on the CPU here: kept small so that it does not dominate). Relies on Triton
@@ -25,35 +27,12 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler.compiler import CompiledKernel  # noqa: E402
-from triton.runtime import driver  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 from kernels import routed_lora as rl  # noqa: E402  (the source tree, installed or not)
 from kernels.utils import cdiv  # noqa: E402
-
-
-class StandInDriver:
-    """What Triton's launch path asks of the active driver, for a GPU that is not there."""
-
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device=None):
-        return 0
-
-    def get_current_target(self):
-        return GPUTarget("cuda", 90, 32)
-
-    def get_active_torch_device(self):
-        return torch.device("cpu")
-
-
-def _no_gpu_handles(self):
-    # instead of loading the cubin on a GPU: a launcher that does nothing
-    if self.module is None:
-        self.module, self.function, self._run = "stand-in", 0, (lambda *args: None)
+from stand_in_gpu import install as install_stand_in_gpu  # noqa: E402
 
 
 def per_call_us(fn, calls=2000, rounds=5):
@@ -68,8 +47,7 @@ def per_call_us(fn, calls=2000, rounds=5):
 
 
 def main():
-    driver.set_active(StandInDriver())
-    CompiledKernel._init_handles = _no_gpu_handles
+    install_stand_in_gpu()
     M, K, N, R, rows_per_mask = 256, 64, 64, 8, 16
     x, a, b, y = torch.randn(M, K), torch.randn(R, K), torch.randn(N, R), torch.randn(M, N)
     dy, dx, mask = torch.randn(M, N), torch.randn(M, K), torch.ones(M // rows_per_mask)
@@ -77,12 +55,11 @@ def main():
     c = rl.CONFIG
     meta = rl._launch_meta(c, R, x.dtype, a.dtype, y.dtype, b.dtype, torch.get_float32_matmul_precision(), None)
 
-    def bare_forward():
-        rl._forward_kernel[(cdiv(M, c.block_m),)](
-            x, a, b, y, u, mask, M, K, N, R, rows_per_mask, 2.0, **meta)
-
+    grid = (cdiv(M, c.block_m),)
+    args = (x, a, b, y, u, mask, M, K, N, R, rows_per_mask, 2.0)
     rows = {"forward launcher": lambda: rl.lora_forward_(y, x, a, b, mask, rows_per_mask, 2.0),
-            "forward bare launch": bare_forward,
+            "forward Launcher call": lambda: rl._forward(grid, *args, **meta),
+            "forward Triton launch": lambda: rl._forward_kernel[grid](*args, **meta),
             "backward launcher": lambda: rl.lora_backward(dy, x, u, a, b, mask, rows_per_mask, 2.0, dx)}
     print(f"triton {triton.__version__}, torch {torch.__version__}; host us per call (min of 5 rounds)")
     for name, fn in rows.items():

@@ -5,9 +5,10 @@
 A training step at batch 32 is host-bound on a GPU (benchmarks/results/epoch_gpu_*.md): the step
 costs what its host work costs - Python, autograd, aten's dispatch and the kernel launches. This
 times that host work here: the routed layers and the loss take their GPU code path (Triton
-kernels compiled for sm_90 behind launcher_host_cost.py's stand-in driver, the final driver call a
+kernels compiled for sm_90 behind tests/stand_in_gpu.py's stand-in driver, the final driver call a
 no-op), aten operations run on CPU tensors of tiny widths (their dispatch, not their arithmetic,
-is what costs), and AdamW is fused as Run makes it on CUDA. Not included: the CUDA driver's own
+is what costs), AdamW is fused as Run makes it on CUDA, and the routed layer skips its check of
+mask values as it does on CUDA. Not included: the CUDA driver's own
 launch calls (a few us each on a GPU host) and the hand-off of backward() to autograd's device
 thread (once per step). Kernel outputs are left unwritten, so the numbers computed are garbage:
 only the time is read.
@@ -28,22 +29,23 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from triton.compiler.compiler import CompiledKernel  # noqa: E402
-from triton.runtime import driver  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.join(os.path.dirname(HERE), "tests")]
 import epoch_table as et  # noqa: E402
 import step_launches as sl  # noqa: E402
-from launcher_host_cost import StandInDriver, _no_gpu_handles  # noqa: E402
 from mixture_table import machine, save_json_and_md  # noqa: E402
+from stand_in_gpu import install as install_stand_in_gpu  # noqa: E402
 
 import clear_fast.kernels.utils as kernel_utils  # noqa: E402
+import clear_fast.lora  # noqa: E402
 
 
 def gpu_code_path():
-    """Kernels compiled for sm_90 and launched into a no-op: 'auto' picks them on CPU tensors."""
-    driver.set_active(StandInDriver())
-    CompiledKernel._init_handles = _no_gpu_handles
+    """Kernels compiled for sm_90 and launched into a no-op: 'auto' picks them on CPU tensors. The
+    routed layer's check of mask values, made on CPU tensors only (on CUDA a host sync), is off."""
+    install_stand_in_gpu()
+    clear_fast.lora._check_mask_values = lambda m: None
     os.environ["CLEAR_FAST_AUTO_BACKEND"] = "triton"
     kernel_utils.interpreting = lambda: True  # use_triton's guard: the kernels are compiled, not interpreted
 

@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import Launcher
 from .utils import cdiv, next_power_of_2
 
 _ELEMENTS = 4096  # rows x classes per block: three fp32 blocks of this size stay in registers
@@ -121,6 +122,10 @@ def _backward_kernel(g_ptr, z_ptr, y_ptr, t_ptr, stats_ptr, dz_ptr, B, C, inv_t,
         tl.store(dz_ptr + offs, (d * scale).to(dz_ptr.dtype.element_ty), mask=io)
 
 
+# launched through Launchers: less host time per launch than kernel[grid](...) (kernels/launch.py)
+_forward, _backward = Launcher(_forward_kernel), Launcher(_backward_kernel)
+
+
 def clear_loss_forward(logits, labels, teacher, weight, temperature):
     """(loss [] fp32, per-sample CE [B] fp32, stats [B, 3] fp32 for the backward). logits [B, C]
     and teacher [B, C] (or None: CE only) contiguous floats, labels [B] contiguous integers."""
@@ -131,9 +136,9 @@ def clear_loss_forward(logits, labels, teacher, weight, temperature):
     stats = torch.empty((B, 3), device=dev, dtype=torch.float32)
     block_b, block_c = _blocks(B, C)
     has_t = teacher is not None
-    _forward_kernel[(1,)](logits, labels, teacher if has_t else logits, loss, ce, stats, B, C,
-                          1.0 / temperature, weight * temperature ** 2, HAS_TEACHER=has_t,
-                          BLOCK_B=block_b, BLOCK_C=block_c, num_warps=NUM_WARPS)
+    _forward((1,), logits, labels, teacher if has_t else logits, loss, ce, stats, B, C,
+             1.0 / temperature, weight * temperature ** 2, HAS_TEACHER=has_t,
+             BLOCK_B=block_b, BLOCK_C=block_c, num_warps=NUM_WARPS)
     return loss, ce, stats
 
 
@@ -144,8 +149,7 @@ def clear_loss_backward(grad_loss, logits, labels, teacher, stats, weight, tempe
     dz = torch.empty_like(logits, memory_format=torch.contiguous_format)
     block_b, block_c = _blocks(B, C)
     has_t = teacher is not None
-    _backward_kernel[(cdiv(B, block_b),)](
-        grad_loss, logits, labels, teacher if has_t else logits, stats, dz, B, C,
-        1.0 / temperature, weight * temperature, HAS_TEACHER=has_t, BLOCK_B=block_b,
-        BLOCK_C=block_c, num_warps=NUM_WARPS)
+    _backward((cdiv(B, block_b),), grad_loss, logits, labels, teacher if has_t else logits, stats, dz, B, C,
+              1.0 / temperature, weight * temperature, HAS_TEACHER=has_t, BLOCK_B=block_b,
+              BLOCK_C=block_c, num_warps=NUM_WARPS)
     return dz

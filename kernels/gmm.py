@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import Launcher
 from .utils import cdiv, next_power_of_2
 
 LOG_2PI = math.log(2.0 * math.pi)
@@ -157,6 +158,9 @@ def _gmm_em_kernel(
     tl.store(out + 3 * KP, acc_ll)
 
 
+_gmm_em = Launcher(_gmm_em_kernel)  # less host time per launch than kernel[grid](...) (kernels/launch.py)
+
+
 class EMPlan:
     """Launch geometry and history buffers for EM on x [N] with K components, up to T iterations."""
 
@@ -187,8 +191,8 @@ class EMPlan:
     def launch(self, it, reg_covar, from_stats, resp=None):
         """Iteration `it` (1-based): E-step at theta_{it-1} (computed in-kernel from iteration
         it-1's sums when from_stats, else read from params[it-1]); sums go to stats[it]."""
-        _gmm_em_kernel[(self.programs,)](
-            self.x, self.n, self.tiles_per_program, self.stats, self.params,
+        _gmm_em(
+            (self.programs,), self.x, self.n, self.tiles_per_program, self.stats, self.params,
             self.x if resp is None else resp,
             self._consts(reg_covar), it, self.programs,
             K=self.k, KP=self.kp, PP=max(2, next_power_of_2(self.programs)), BLOCK=BLOCK,

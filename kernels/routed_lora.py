@@ -50,6 +50,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .launch import Launcher
 from .utils import acc_dtype, cdiv, interpreting, next_power_of_2
 
 
@@ -245,6 +246,10 @@ def _backward_kernel(dy_ptr, x_ptr, u_ptr, a_ptr, b_ptr, dx_ptr, part_ptr, mask_
                      mask=(cols[:, None] < N) & (rr[None, :] < R))
 
 
+# launched through Launchers: less host time per launch than kernel[grid](...) (kernels/launch.py)
+_forward, _backward = Launcher(_forward_kernel), Launcher(_backward_kernel)
+
+
 def _config(config, half_dots):
     c = config or CONFIG
     return _with_half_dots(c) if half_dots and not c.half_dots else c
@@ -293,8 +298,7 @@ def lora_forward_(y, x, a, b, mask, rows_per_mask, scaling, config=None, half_do
     N, R = b.shape
     u = torch.empty((M, R), device=x.device, dtype=acc_dtype(x.dtype))
     meta = _launch_meta(c, R, x.dtype, a.dtype, y.dtype, b.dtype, torch.get_float32_matmul_precision(), None)
-    _forward_kernel[(cdiv(M, c.block_m),)](
-        x, a, b, y, u, mask, M, K, N, R, rows_per_mask, float(scaling), **meta)
+    _forward((cdiv(M, c.block_m),), x, a, b, y, u, mask, M, K, N, R, rows_per_mask, float(scaling), **meta)
     return u
 
 
@@ -318,9 +322,8 @@ def lora_backward(dy, x, u, a, b, mask, rows_per_mask, scaling, dx=None, config=
     meta = _launch_meta(c, R, dy.dtype, a.dtype, dy.dtype, b.dtype, torch.get_float32_matmul_precision(), has_dx)
     if not has_dx:
         dx = dy  # never read nor written (HAS_DX is off); any pointer will do
-    _backward_kernel[(programs,)](
-        dy, x, u, a, b, dx, part, mask, M, K, N, R, rows_per_mask, tiles_per_program, float(scaling),
-        **meta)
+    _backward((programs,), dy, x, u, a, b, dx, part, mask, M, K, N, R, rows_per_mask, tiles_per_program,
+              float(scaling), **meta)
     total = part[0] if programs == 1 else part.sum(0)
     # dA and dB are its two halves (as_strided: one call each, half the host time of slice + view)
     return total.as_strided((R, K), (K, 1)), total.as_strided((N, R), (R, 1), total.storage_offset() + R * K)

@@ -1,0 +1,97 @@
+"""Launching a Triton kernel with less host time than kernel[grid](...).
+
+On every call Triton's launch path (JITFunction.run) works out each argument's specialisation
+(pointer dtype and 16-byte alignment, integer width and divisibility by 16) and a cache key from
+them, then looks the compiled kernel up: ~15 us of host time a launch on this project's CPU
+(triton 3.9), about as much as all the rest of a routed layer's launcher, and a routed layer's
+launches are host-bound at training sizes. A Launcher remembers the compiled kernel Triton picked
+under its own key, which tells apart at least every case Triton's specialisation does (dtypes,
+alignment, integer classes, the constexprs and options, the device, Triton's debug and
+instrumentation settings), and on a hit calls that kernel's launcher with the arguments Triton
+would pass it. tests/fast_launch_check.py checks both, kernel and arguments, against Triton's
+own path. Triton launches the first call of every case itself, and every call while a launch
+hook is set (profilers use them), or when the kernel's signature does not have the form this
+relies on (constexprs last, no pre-run hooks), or when an argument is of another kind than a
+tensor, an int or a float.
+"""
+import torch
+
+try:  # Triton internals, the same in 3.6 and 3.9; without them every launch goes through Triton
+    from triton import knobs
+    from triton.runtime import driver
+except ImportError:  # pragma: no cover - older Triton
+    knobs = driver = None
+
+_I32, _I64 = 1 << 31, 1 << 63
+
+
+class Launcher:
+    """launcher(grid, *args, **meta) launches kernel[grid](*args, **meta): args the kernel's
+    non-constexpr parameters in order, meta its constexprs and launch options by name."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        # key -> (compiled kernel, its launch function, CUfunction, packed metadata, constexpr values);
+        # the compiled kernel is held so that its module stays loaded (Triton unloads it on deletion)
+        self._compiled = {}
+        params = getattr(kernel, "params", None)
+        self._direct = False
+        if knobs is None or params is None or getattr(kernel, "pre_run_hooks", None):
+            return
+        runtime = [p for p in params if not p.is_constexpr]
+        # Triton passes every parameter to the launcher in signature order, constexprs included:
+        # the direct call appends them after args, right only when they come last
+        if any(p.is_constexpr for p in params[:len(runtime)]):
+            return
+        self._specialised = tuple(not p.do_not_specialize for p in runtime)
+        self._constexpr_names = tuple(p.name for p in params[len(runtime):])
+        self._direct = True
+
+    def __call__(self, grid, *args, **meta):
+        key = self._key(args, meta) if self._direct else None
+        hit = None if key is None else self._compiled.get(key)
+        if hit is None or _hooked():
+            compiled = self.kernel[grid](*args, **meta)
+            if key is not None and compiled is not None:
+                run = compiled.run  # loads the module on first use
+                self._compiled[key] = (compiled, run, compiled.function, compiled.packed_metadata,
+                                       tuple(meta[n] for n in self._constexpr_names))
+            return
+        _, run, function, packed_metadata, constexprs = hit
+        n = len(grid)
+        run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, driver.active.get_current_stream(key[0]),
+            function, packed_metadata, None, None, None, *args, *constexprs)
+
+    def _key(self, args, meta):
+        """A tuple that differs whenever Triton's specialisation of these arguments could, or None
+        (an argument this does not classify, or a count that does not match the signature)."""
+        if len(args) != len(self._specialised):
+            return None
+        # what Triton adds to a launch's options from its settings, as of 3.9
+        key = [driver.active.get_current_device(), knobs.runtime.debug, knobs.compilation.instrumentation_mode,
+               getattr(knobs.compilation, "fpsan_homomorphic_casts", None), *meta.items()]
+        for a, specialised in zip(args, self._specialised):
+            cls = a.__class__
+            if cls is int:  # bool is not int here: Triton types it u1, left to Triton
+                width = 0 if -_I32 <= a < _I32 else 1 if -_I64 <= a < _I64 else 2
+                key.append((width, a == 1, a % 16 == 0) if specialised else width)
+            elif cls is float:
+                key.append(float)
+            elif isinstance(a, torch.Tensor):
+                key.append((a.dtype, a.data_ptr() % 16 == 0))
+            else:
+                return None
+        return tuple(key)
+
+
+def _hooked():
+    """Whether Triton has a hook to call at a launch (profilers add them) or to key its cache on.
+    Launch hooks are chains (HookChain, triton 3.6 and 3.9), empty unless something was added;
+    without one, Triton's launchers take None for the hooks and their launch metadata."""
+    rt = knobs.runtime
+    return (_has_calls(rt.launch_enter_hook) or _has_calls(rt.launch_exit_hook)
+            or getattr(rt, "add_stages_inspection_hook", None) is not None)
+
+
+def _has_calls(hook):
+    return hook is not None and bool(getattr(hook, "calls", True))  # a plain callable: yes
