@@ -123,7 +123,7 @@ def batch_fn(n=1280, length=128):
 
 def table(result):
     lines = ["# Host time of a step and of a layer call, GPU code path, no GPU", "",
-             "`TRITON_INTERPRET=0 python benchmarks/step_host_cost.py` (method: the module docstring)", "",
+             f"`TRITON_INTERPRET=0 python benchmarks/step_host_cost.py --rounds {result['rounds']}` (method: the module docstring)", "",
              "Machine: " + ", ".join(f"{k} {v}" for k, v in result["machine"].items()), "",
              "| what | variant | host us | / F.linear |", "|---|---|---:|---:|"]
     layer = result["layer_us"]
