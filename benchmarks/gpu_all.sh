@@ -6,8 +6,10 @@
 # tests, host_overhead ~30 s, epoch_table ~200 s, epoch_bf16 ~100 s (those four: 380 s in one call),
 # lora_table + mixture_table ~130 s, probe_bf16 ~50 s; on an H200 kernel_sweep
 # (SWEEP_ARGS="--fractions 1.0") ~60 s. Next plan, two calls back to back (the second while the
-# machine is still warm): the routed kernels lost their stride arguments since the last GPU run, so
-#   STEPS="gpu_tests epoch_table epoch_bf16" GPU_TESTS="tests/test_lora_kernels.py" GPU_TESTS_ARGS="-k cuda" bash benchmarks/gpu_all.sh
+# machine is still warm): since the last GPU run the routed kernels lost their stride arguments and
+# every kernel launches through kernels/launch.py's Launcher (checked on the CPU against triton 3.9
+# and 3.6, never on a GPU), so the CUDA tests of all three kernels first:
+#   STEPS="gpu_tests epoch_table epoch_bf16" GPU_TESTS="tests/test_lora_kernels.py tests/test_clear_loss.py tests/test_gmm_kernel.py" GPU_TESTS_ARGS="-k cuda" bash benchmarks/gpu_all.sh
 #   STEPS="host_overhead probe_bf16 epoch_compiled" bash benchmarks/gpu_all.sh
 # or a subset, e.g. STEPS="gpu_tests epoch_table" GPU_TESTS=tests/test_gmm_kernel.py (results also
 # land in $OUT when the device tool sets it; a second call in one command needs its own OUT).

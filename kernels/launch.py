@@ -12,8 +12,11 @@ would pass it. tests/fast_launch_check.py checks both, kernel and arguments, aga
 own path. Triton launches the first call of every case itself, and every call while a launch
 hook is set (profilers use them), or when the kernel's signature does not have the form this
 relies on (constexprs last, no pre-run hooks), or when an argument is of another kind than a
-tensor, an int or a float.
+tensor, an int or a float. CLEAR_FAST_DIRECT_LAUNCH=0 in the environment (read when a Launcher is
+made, i.e. at import) sends every launch through Triton.
 """
+import os
+
 import torch
 
 try:  # Triton internals, the same in 3.6 and 3.9; without them every launch goes through Triton
@@ -36,7 +39,8 @@ class Launcher:
         self._compiled = {}
         params = getattr(kernel, "params", None)
         self._direct = False
-        if knobs is None or params is None or getattr(kernel, "pre_run_hooks", None):
+        if (knobs is None or params is None or getattr(kernel, "pre_run_hooks", None)
+                or os.environ.get("CLEAR_FAST_DIRECT_LAUNCH", "1") == "0"):
             return
         runtime = [p for p in params if not p.is_constexpr]
         # Triton passes every parameter to the launcher in signature order, constexprs included:

@@ -184,7 +184,22 @@ def check_hook():
         "hook removed: the Launcher launches itself again, without hooks"
 
 
+def check_switch_off():
+    """CLEAR_FAST_DIRECT_LAUNCH=0: every launch through Triton."""
+    os.environ["CLEAR_FAST_DIRECT_LAUNCH"] = "0"
+    try:
+        launcher = Launcher(_probe)
+    finally:
+        del os.environ["CLEAR_FAST_DIRECT_LAUNCH"]
+    calls = count_jit_runs(_probe)
+    (what, args, meta), = list(probe_cases())[:1]
+    for _ in range(3):
+        launcher((1,), *args, **meta)
+    assert calls[0] == 3, f"CLEAR_FAST_DIRECT_LAUNCH=0: {calls[0]} of 3 launches went through Triton"
+
+
 def main():
+    check_switch_off()
     check_hook()
     cases, direct = check_probe()
     library = check_library()
