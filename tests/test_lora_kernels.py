@@ -302,3 +302,41 @@ def test_cuda_autocast_matches_the_dense_reference_under_autocast():
 @cuda
 def test_cuda_tf32_dots_where_torch_allows_them(tf32_allowed):
     _check_tf32("cuda")
+
+
+@cuda
+@pytest.mark.parametrize("offset", [0, 1])  # 1: x not 16-byte aligned, another compiled variant
+def test_cuda_direct_launches_compute_what_tritons_do(offset, monkeypatch):
+    """After a case's first launch, kernels/launch.py's Launcher launches the compiled kernel itself
+    (no call of Triton's JITFunction.run); on fresh data each time its results equal those of the
+    same launches through Triton's path, bit for bit. The CPU-side check of both paths' launch
+    arguments is tests/fast_launch_check.py."""
+    M, D_in, D_out, R, rows_per_mask = 300, 96, 80, 8, 30
+
+    def launch(seed):
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        x = torch.randn(M * D_in + offset, device="cuda", generator=g)[offset:].view(M, D_in)
+        a, b = (torch.randn(*s, device="cuda", generator=g) for s in ((R, D_in), (D_out, R)))
+        y, dy = (torch.randn(M, D_out, device="cuda", generator=g) for _ in range(2))
+        dx = torch.randn(M, D_in, device="cuda", generator=g)
+        mask = (torch.rand(M // rows_per_mask, device="cuda", generator=g) < 0.6).float()
+        u = K.lora_forward_(y, x, a, b, mask, rows_per_mask, 0.5)
+        dA, dB = K.lora_backward(dy, x, u, a, b, mask, rows_per_mask, 0.5, dx)
+        return y, u, dx, dA, dB
+
+    jit_runs = []
+    for kernel in (K._forward_kernel, K._backward_kernel):
+        monkeypatch.setattr(kernel, "run", lambda *a, _run=kernel.run, **k: jit_runs.append(1) or _run(*a, **k))
+    launch(0)  # first launches of this case (through Triton when the Launchers have not seen it)
+    del jit_runs[:]
+    for seed in (1, 2):
+        direct = launch(seed)
+        assert not jit_runs, "the Launchers went through Triton for a case they had launched before"
+        with monkeypatch.context() as m:
+            m.setattr(K._forward, "_direct", False)
+            m.setattr(K._backward, "_direct", False)
+            through_triton = launch(seed)
+        assert len(jit_runs) == 2
+        del jit_runs[:]
+        for name, d, t in zip(("y", "u", "dx", "dA", "dB"), direct, through_triton):
+            assert torch.equal(d, t), name
