@@ -52,9 +52,8 @@ from mixture_table import device_tag, machine  # noqa: E402
 from reference import released_lora_reference, sklearn_clean_probability  # noqa: E402
 
 from clear_fast.config import COMPILE_MODES, TrainConfig  # noqa: E402
-from clear_fast.losses import clear_loss  # noqa: E402
 from clear_fast.mixture import clean_probability  # noqa: E402
-from clear_fast.model import draw_routing_masks, inject_routed_lora  # noqa: E402
+from clear_fast.model import inject_routed_lora  # noqa: E402
 from clear_fast.trainer import Run, Tokenized  # noqa: E402
 
 MODELS = {"minilm": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
@@ -152,14 +151,18 @@ def timed(fn, device):
 
 # ----------------------------------------------------------------------------- training step
 def step_fn(run, batch, p_route, teacher):
-    """One training step as Run.train_epoch takes it: routing masks, forward, loss, backward, AdamW."""
+    """One training step as Run.train_epoch takes it: Run.train_step (routing masks, forward, loss,
+    backward, AdamW) and the loop's bookkeeping (the loss sum; the routed count when routed). Train
+    mode is set here, once, as train_epoch sets it once per epoch."""
+    run.model.train()
+    loss_sum = torch.zeros((), device=run.device)
+    routed = torch.zeros((), device=run.device, dtype=torch.long)
+
     def step():
-        run.model.train()
-        run._route(p_route)
-        loss, _ = clear_loss(run._logits(batch), batch["labels"], teacher)
-        run.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        run.optimizer.step()
+        loss, _, _, masks = run.train_step(batch, p_route, teacher)
+        loss_sum.add_(loss.detach(), alpha=BATCH)
+        if masks is not None:
+            torch.sum(masks, (0, 1), out=routed)
     return step
 
 

@@ -216,15 +216,8 @@ class Run:
                                    disable=not cfg.progress)):
             e = min(s + cfg.batch_size, n)
             batch = self.train.batch(order[s:e], self.device)
-            masks = self._route(None if p_route is None else p_route[s:e])
-            if shield_head:
-                self.head_shield.mask = torch.rand(e - s, device=self.device) < p_route[s:e]
-            logits = self._logits(batch)
-            loss, ce = clear_loss(logits, batch["labels"], None if teacher is None else teacher[s:e],
-                                  cfg.consistency_weight, cfg.temperature)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+            loss, ce, logits, masks = self.train_step(batch, None if p_route is None else p_route[s:e],
+                                                      None if teacher is None else teacher[s:e], shield_head)
             if record:
                 step_ce[s:e] = ce
                 step_logits[s:e] = logits.detach()
@@ -241,6 +234,21 @@ class Run:
         return {"train_loss": float(loss_sum) / n, "routed_fraction": routed_fraction,
                 "step_ce": _unpermuted(step_ce, positions) if record else None,
                 "step_logits": _unpermuted(step_logits, positions) if record else None}
+
+    def train_step(self, batch, p_batch=None, teacher=None, shield_head=False):
+        """One optimizer step on a batch (train mode is the caller's): routing masks drawn from the
+        per-sample routing probabilities p_batch (None: every sample routed), forward, CleaR's loss
+        (with consistency to the teacher logits when given), backward, AdamW. No host sync.
+        Returns (loss, per-sample CE, logits, masks [B, L] or None)."""
+        masks = self._route(p_batch)
+        if shield_head:
+            self.head_shield.mask = torch.rand(len(p_batch), device=self.device) < p_batch
+        logits = self._logits(batch)
+        loss, ce = clear_loss(logits, batch["labels"], teacher, self.cfg.consistency_weight, self.cfg.temperature)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss, ce, logits, masks
 
     @torch.inference_mode()
     def predict(self, split, gamma, passes, desc):
