@@ -15,9 +15,9 @@ routed fractions gamma x (1 - noise rate) for noise 0.2 and 0.4 (gamma 0.85). Va
 Sections:
   step    one training step as Run.train_epoch takes it (Run.train_step: masks, forward, loss,
           backward, AdamW; then the loop's loss sum and routed count; train mode set once), the
-          variants interleaved in every repeat, median; CUDA events on a GPU. Results committed
-          before 2026-11-26 10:40 UTC set train mode in every step (a module walk, 0.5-0.9 ms of
-          host time on this CPU, the most in peft's model): their step ratios lean toward 1.
+          variants interleaved in every repeat, median; CUDA events on a GPU. Step results committed
+          before 997efa9 set train mode in every step (a module walk, 0.5-0.9 ms of host time on
+          this CPU, the most in peft's model): their step ratios lean toward 1.
   memory  on a GPU the peak allocated bytes of a step (torch.cuda.max_memory_allocated); on the
           CPU, where no allocator reports a peak, an account of what a step holds at its peak:
           parameters + optimizer state + gradients + the activations autograd saves for backward
