@@ -36,19 +36,10 @@ def _kernels():
 
 
 # ------------------------------------------------------------ CPU path: gather the routed samples
-_last_rows = (None, -1, 0, None)  # (mask, its version, rows_per_mask, rows): see _routed_rows
-
-
 def _routed_rows(mask, rows_per_mask):
-    """Indices of the rows whose mask value is non-zero (row i uses mask[i // rows_per_mask])."""
-    global _last_rows
-    last_mask, version, rpm, rows = _last_rows
-    # A layer's forward calls this twice and its backward four times with the same mask tensor:
-    # remember the last answer (nonzero costs ~35 us on this CPU, 5-7 % of a MiniLM-sized layer).
-    # Inference tensors have no version counter to tell an in-place change: never cached.
-    cacheable = not mask.is_inference()
-    if cacheable and last_mask is mask and version == mask._version and rpm == rows_per_mask:
-        return rows
+    """Indices of the rows whose mask value is non-zero (row i uses mask[i // rows_per_mask]).
+    Worked out once per half (forward, backward) and shared by its products, not cached across
+    calls: a cache keyed on the mask tensor misses changes made through .data or numpy."""
     rows = mask.nonzero().squeeze(1)
     if rows_per_mask > 1 and rows.numel():
         # Row indices into the 2-D [M, d] view, not sample indices into a [B, T, d] view:
@@ -56,13 +47,10 @@ def _routed_rows(mask, rows_per_mask):
         # cores.
         rows = (rows[:, None] * rows_per_mask
                 + torch.arange(rows_per_mask, device=rows.device)).flatten()
-    if cacheable:
-        _last_rows = (mask, mask._version, rows_per_mask, rows)
     return rows
 
 
-def _shrink_torch(x, w, mask, rows_per_mask):
-    rows = _routed_rows(mask, rows_per_mask)
+def _shrink_torch(x, w, mask, rows_per_mask, rows):
     acc, cd = _acc_dtype(x.dtype), torch.promote_types(x.dtype, w.dtype)
     if rows.numel() == 0:
         return torch.zeros((x.shape[0], w.shape[0]), dtype=acc, device=x.device)
@@ -75,8 +63,7 @@ def _shrink_torch(x, w, mask, rows_per_mask):
     return u.index_copy_(0, rows, val)
 
 
-def _expand_torch_(y, u, w, mask, rows_per_mask, scaling):
-    rows = _routed_rows(mask, rows_per_mask)
+def _expand_torch_(y, u, w, scaling, rows):
     cd = torch.promote_types(y.dtype, w.dtype)
     if rows.numel() == y.shape[0] and cd == y.dtype:
         y.addmm_(u.to(cd), w.to(cd).T, alpha=scaling)  # one pass over y, no temporary
@@ -87,8 +74,7 @@ def _expand_torch_(y, u, w, mask, rows_per_mask, scaling):
         y.index_add_(0, rows, delta, alpha=scaling)
 
 
-def _grad_torch(p, q, mask, rows_per_mask, scaling, transpose):
-    rows = _routed_rows(mask, rows_per_mask)
+def _grad_torch(p, q, scaling, transpose, rows):
     acc = _acc_dtype(q.dtype)
     shape = (q.shape[1], p.shape[1]) if transpose else (p.shape[1], q.shape[1])
     if rows.numel() == 0:
@@ -100,17 +86,19 @@ def _grad_torch(p, q, mask, rows_per_mask, scaling, transpose):
 
 
 def _forward_torch_(y, x, a, b, mask, rows_per_mask, scaling):
-    u = _shrink_torch(x, a, mask, rows_per_mask)
-    _expand_torch_(y, u, b, mask, rows_per_mask, scaling)
+    rows = _routed_rows(mask, rows_per_mask)
+    u = _shrink_torch(x, a, mask, rows_per_mask, rows)
+    _expand_torch_(y, u, b, scaling, rows)
     return u
 
 
 def _backward_torch(dy, x, u, a, b, mask, rows_per_mask, scaling, dx):
-    g = _shrink_torch(dy, b.T, mask, rows_per_mask)  # m * dY B, [M, r]
+    rows = _routed_rows(mask, rows_per_mask)
+    g = _shrink_torch(dy, b.T, mask, rows_per_mask, rows)  # m * dY B, [M, r]
     if dx is not None:
-        _expand_torch_(dx, g, a.T, mask, rows_per_mask, scaling)  # dx += s m (dY B) A, in place
-    return (_grad_torch(g, x, mask, rows_per_mask, scaling, False),  # s G^T x
-            _grad_torch(u, dy, mask, rows_per_mask, scaling, True))  # s dY^T U
+        _expand_torch_(dx, g, a.T, scaling, rows)  # dx += s m (dY B) A, in place
+    return (_grad_torch(g, x, scaling, False, rows),  # s G^T x
+            _grad_torch(u, dy, scaling, True, rows))  # s dY^T U
 
 
 # ------------------------------------------------------------ each half: Triton or torch
@@ -230,6 +218,10 @@ def _all_routed(device):
     return mask
 
 
+def _is_int(n):
+    return isinstance(n, int) and not isinstance(n, bool)
+
+
 def _check(x, weight, bias, lora_A, lora_B, mask, x_lora, backend):
     """Validate the inputs; returns (mask as a float [G] tensor, rows per mask entry)."""
     if not isinstance(x, Tensor):
@@ -255,6 +247,8 @@ def _check(x, weight, bias, lora_A, lora_B, mask, x_lora, backend):
         raise ValueError(f"lora_B has shape {tuple(lora_B.shape)}, expected [{out_f}, {r}]")
     if bias is not None and tuple(bias.shape) != (out_f,):
         raise ValueError(f"bias has shape {tuple(bias.shape)}, expected [{out_f}]")
+    if mask is not None and not isinstance(mask, Tensor):
+        raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
     for name, t in (("weight", weight), ("bias", bias), ("lora_A", lora_A), ("lora_B", lora_B),
                     ("x_lora", x_lora), ("mask", mask)):
         if t is not None and t.device != x.device:
@@ -273,8 +267,6 @@ def _check(x, weight, bias, lora_A, lora_B, mask, x_lora, backend):
     rows = math.prod(x.shape[:-1])
     if mask is None:
         return _all_routed(x.device), max(rows, 1)
-    if not isinstance(mask, Tensor):
-        raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
     if mask.dtype != torch.bool and not mask.is_floating_point():
         raise TypeError(f"mask must be bool or floating point (0/1), got dtype {mask.dtype}")
     if mask.dim() != 1 or mask.numel() not in (x.shape[0], rows):
@@ -336,11 +328,13 @@ class RoutedLoRALinear(nn.Module):
     def __init__(self, in_features, out_features, r=8, lora_alpha=8, lora_dropout=0.0, bias=True,
                  device=None, dtype=None):
         super().__init__()
-        if not isinstance(r, int) or r < 1:
+        if not _is_int(r) or r < 1:
             raise ValueError(f"rank r must be an integer >= 1, got {r!r}")
-        if in_features < 1 or out_features < 1:
-            raise ValueError(f"in_features and out_features must be >= 1, got {in_features}, "
-                             f"{out_features}")
+        if not all(_is_int(n) and n >= 1 for n in (in_features, out_features)):
+            raise ValueError(f"in_features and out_features must be integers >= 1, got {in_features!r}, "
+                             f"{out_features!r}")
+        if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or not math.isfinite(lora_alpha):
+            raise ValueError(f"lora_alpha must be a finite number, got {lora_alpha!r}")
         if not 0.0 <= lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
         f = {"device": device, "dtype": dtype}
@@ -389,7 +383,8 @@ class RoutedLoRALinear(nn.Module):
     def forward(self, x, mask=None):
         if mask is None:
             mask = self.routing_mask
-        if self.merged:
+        if self.merged:  # the merged linear: the inputs are checked all the same, the mask then ignored
+            _check(x, self.weight, self.bias, self.lora_A, self.lora_B, mask, None, "auto")
             return F.linear(x, self.weight, self.bias)
         dropout = self.training and isinstance(self.lora_dropout, nn.Dropout)
         x_lora = self.lora_dropout(x) if dropout else None
@@ -412,6 +407,30 @@ class RoutedLoRALinear(nn.Module):
             with torch.inference_mode(False), torch.no_grad():  # usable in training after an eval pass
                 self._frozen_cast = (key, w.to(dtype), None if b is None else b.to(dtype))
         return self._frozen_cast[1], self._frozen_cast[2]
+
+    # The state dict holds, besides the tensors, whether the weight is merged and the adapter's
+    # scaling: a merged weight loaded into an unmerged layer (or one with another lora_alpha / r)
+    # would otherwise apply the adapter twice (or at another scale) without a word.
+    def get_extra_state(self):
+        return torch.tensor([float(self.merged), self.scaling], dtype=torch.float64)
+
+    def set_extra_state(self, state):
+        merged, scaling = (float(v) for v in torch.as_tensor(state).tolist())
+        if not math.isclose(scaling, self.scaling, rel_tol=1e-12):
+            raise ValueError(f"the state dict's adapter scaling (lora_alpha / r) is {scaling:g}, this "
+                             f"layer's {self.scaling:g}: make the layer with the same lora_alpha and r")
+        self.merged = bool(merged)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        extra = prefix + torch.nn.modules.module._EXTRA_STATE_KEY_SUFFIX
+        had_extra = extra in state_dict
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if not had_extra:  # a state dict from before this entry existed: an unmerged layer's
+            if extra in missing_keys:
+                missing_keys.remove(extra)
+            self.merged = False
 
     def _delta_weight(self):
         return (self.lora_B @ self.lora_A * self.scaling).to(self.weight.dtype)

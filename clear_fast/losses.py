@@ -11,6 +11,9 @@ import torch.nn.functional as F
 from clear_fast.kernels.utils import check_backend, use_triton
 
 
+_NO_IGNORED_LABEL = -(2 ** 62)
+
+
 def consistency_loss(logits, teacher_logits, temperature=1.0):
     """T^2 * mean_i [ - sum_c q_ic log softmax(logits_i / T)_c ],  q_i = softmax(teacher_i / T), detached."""
     q = F.softmax(teacher_logits.detach().float() / temperature, dim=-1)
@@ -25,11 +28,13 @@ def clear_loss(logits, labels, teacher_logits=None, weight=1.0, temperature=1.0,
     None (CE only).
     Returns (total loss, per-sample CE detached, fp32): the latter feeds the train-steps
     clean-probability option. backend: "auto" (fused Triton kernels on CUDA tensors, torch
-    otherwise), "torch" or "triton". On the Triton path a label outside [0, C) makes its CE and
-    the loss NaN (checking the labels would cost a host sync); the torch path raises.
+    otherwise), "torch" or "triton". A label outside [0, C): the torch path raises (a clear
+    error on CPU tensors, torch's device-side bound check on CUDA ones); the Triton path makes
+    that sample's CE and the loss NaN (checking would cost a host sync).
     """
     check_backend(backend)
     _check_loss_inputs(logits, labels, teacher_logits, temperature)
+    _check_weight(weight)
     labels = labels.long()  # any integer dtype; int64 as cross_entropy wants (no copy when it is)
     teacher = teacher_logits if teacher_logits is not None and weight > 0 else None
     if logits.shape[0] and use_triton(logits, backend) and not torch.compiler.is_compiling():
@@ -37,7 +42,9 @@ def clear_loss(logits, labels, teacher_logits=None, weight=1.0, temperature=1.0,
             teacher = teacher.detach().contiguous()
         return _FusedClearLoss.apply(logits.contiguous(), labels.contiguous(), teacher, float(weight),
                                      float(temperature))
-    ce = F.cross_entropy(logits.float(), labels, reduction="none")
+    _check_label_range(logits, labels)
+    # no ignore_index: a label of -100 on a GPU fails torch's own bound check instead of being skipped
+    ce = F.cross_entropy(logits.float(), labels, reduction="none", ignore_index=_NO_IGNORED_LABEL)
     loss = ce.mean()
     if teacher is not None:
         loss = loss + weight * consistency_loss(logits, teacher, temperature)
@@ -59,6 +66,22 @@ def _check_loss_inputs(logits, labels, teacher_logits, temperature):
                          f"{tuple(teacher_logits.shape) if torch.is_tensor(teacher_logits) else type(teacher_logits).__name__}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+def _check_weight(weight):
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0 \
+            or weight == float("inf"):
+        raise ValueError(f"weight (the consistency term's) must be a finite number >= 0, got {weight!r}")
+
+
+def _check_label_range(logits, labels):
+    # On CPU tensors (cheap there; on a GPU a host sync): torch's cross_entropy would skip -100
+    # (its ignore_index) without a word and raise a bare IndexError for other labels out of range.
+    if labels.device.type == "cpu" and labels.numel() and not torch.compiler.is_compiling():
+        lo, hi = torch.aminmax(labels)
+        if lo < 0 or hi >= logits.shape[1]:
+            raise ValueError(f"labels must be class indices in [0, {logits.shape[1]}) for "
+                             f"{logits.shape[1]} classes of logits, got values from {int(lo)} to {int(hi)}")
 
 
 def _kernels():

@@ -66,7 +66,8 @@ def _as_tensor(x, name="x"):
         raise ValueError(f"{name} must be 1-D or a column [N, 1], got shape {shape}")
     if shape[0] == 0:
         raise ValueError(f"{name} is empty")
-    t = x if is_torch else torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float64))
+    # data, not part of a graph: per-sample losses straight from a loss function carry gradients
+    t = x.detach() if is_torch else torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float64))
     t = t.reshape(-1).to(torch.float64).contiguous()
     bad = ~torch.isfinite(t)
     if bad.any():  # one host sync, before any work
@@ -370,6 +371,7 @@ class GaussianMixture1D:
             raise ValueError(f"need at least max(2, n_components) = {max(2, k)} samples, got {n}")
         em = self._backend_for(t)
         theta = _kmeans_init(t, k, _check_random_state(self.random_state), self.reg_covar)
+        _check_fitted(theta, self.reg_covar)  # EM's first E-step divides by the variances
         if self.max_iter == 0:
             n_iter, lower_bound, converged = 0, -math.inf, False
         else:
@@ -379,6 +381,7 @@ class GaussianMixture1D:
             warnings.warn("Best performing initialization did not converge. Try different init "
                           "parameters, or increase max_iter, tol, or check for degenerate data.",
                           ConvergenceWarning, stacklevel=3)
+        _check_fitted(theta, self.reg_covar)
         self._theta = theta
         self.means_, self.variances_, self.weights_ = (_output(p, is_torch) for p in theta)
         self.covariances_ = self.variances_.reshape(k, 1, 1)
@@ -413,11 +416,27 @@ class GaussianMixture1D:
         return _output(em_step_reference(t, *self._params_on(t.device))[3], is_torch)
 
 
+def _check_fitted(theta, reg_covar):
+    """Raise where sklearn would (a component with no spread, with reg_covar = 0), and where float64
+    ran out (losses so large that their squares overflow): never NaN probabilities."""
+    means, variances, weights = theta
+    values = torch.cat([means, variances, weights])
+    if not bool(torch.isfinite(values).all()):
+        raise ValueError("the Gaussian mixture's parameters came out NaN or infinite: values this "
+                         "large or this spread overflow float64 arithmetic; rescale them (e.g. "
+                         "normalize=True)")
+    if not bool((variances > 0).all()):
+        raise ValueError(f"Fitting the mixture model failed because some components have ill-defined "
+                         f"empirical covariance (variances {variances.tolist()}, reg_covar "
+                         f"{reg_covar:g}): increase reg_covar, as scikit-learn advises")
+
+
 @_one_thread
 def class_medians(values, labels):
     """The (lower) median of values [N] within each label's group, per sample [N]: the element
     at rank (n_k - 1) // 2 of its group, as torch.median. One sort, no loop over classes."""
     labels = labels.reshape(-1).to(values.device, torch.long)
+    labels = torch.unique(labels, return_inverse=True)[1]  # 0..G-1: bincount's length is G, not max + 1
     by_value = torch.argsort(values, stable=True)
     order = by_value[torch.argsort(labels[by_value], stable=True)]  # by label, then by value
     sorted_labels = labels[order]

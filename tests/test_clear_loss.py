@@ -87,8 +87,22 @@ def test_fused_loss_label_out_of_range_is_nan_not_a_wrong_number():
     assert torch.isnan(loss)
     assert torch.isnan(ce[[1, 3]]).all() and torch.isfinite(ce[[0, 2]]).all()
     torch.testing.assert_close(ce[[0, 2]], F.cross_entropy(z[[0, 2]], y[[0, 2]], reduction="none"))
-    with pytest.raises(IndexError):  # the torch path checks
-        clear_loss(z, y, None, backend="torch")
+    with pytest.raises(ValueError, match=r"labels must be class indices in \[0, 5\).*from -1 to 5"):
+        clear_loss(z, y, None, backend="torch")  # the CPU path checks
+
+
+def test_loss_labels_out_of_range_raise_on_cpu_tensors():
+    """-100, torch's ignore_index, is not skipped: every label must name a class."""
+    z = torch.randn(4, 5)
+    for bad in (-100, -1, 5):
+        with pytest.raises(ValueError, match="labels must be class indices in"):
+            clear_loss(z, torch.tensor([0, bad, 1, 2]))
+
+
+@pytest.mark.parametrize("weight", [float("nan"), -1.0, float("inf"), "1", True])
+def test_loss_rejects_a_bad_consistency_weight(weight):
+    with pytest.raises(ValueError, match="weight .* must be a finite number >= 0"):
+        clear_loss(torch.randn(4, 3), torch.zeros(4, dtype=torch.long), torch.randn(4, 3), weight)
 
 
 @pytest.mark.parametrize("args,match", [

@@ -4,6 +4,7 @@ The numerical helpers here are also used by test_lora_kernels.py for the Triton 
 """
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -279,6 +280,21 @@ def test_mask_changed_in_place_between_calls():
         torch.testing.assert_close(layer(x, m), expected)
 
 
+def test_mask_changed_behind_autograds_back_between_calls():
+    """Changes that bypass the tensor's version counter (through numpy, through .data) are seen."""
+    layer = _layer_with_adapter()
+    x = torch.randn(3, 4, 16)
+    arr = np.array([1.0, 0.0, 1.0], dtype=np.float32)
+    m = torch.from_numpy(arr)
+    for change in (lambda: arr.__setitem__(slice(None), [0.0, 1.0, 0.0]),
+                   lambda: m.data.copy_(torch.tensor([1.0, 1.0, 0.0]))):
+        layer(x, m)
+        change()
+        expected = routed_lora_reference_dense(x, layer.weight, layer.bias, layer.lora_A,
+                                               layer.lora_B, layer.scaling, m)
+        torch.testing.assert_close(layer(x, m), expected)
+
+
 def test_masks_made_in_inference_mode():
     """Routing masks drawn under torch.inference_mode (no-grad passes) have no version counter."""
     layer = _layer_with_adapter()
@@ -336,6 +352,38 @@ def test_merge_unmerge_round_trip():
     assert not layer.merged
     with pytest.raises(RuntimeError, match="not merged"):
         layer.unmerge()
+
+
+def test_state_dict_records_merged_and_scaling():
+    """A merged layer's state dict loads into a fresh layer as the same function; one made with
+    another scaling is refused; an older state dict without the entry loads as unmerged."""
+    layer = _layer_with_adapter()
+    x = torch.randn(4, 16)
+    layer.merge()
+    expected = layer(x)
+    fresh = RoutedLoRALinear(16, 10, r=4, lora_alpha=8)
+    fresh.load_state_dict(layer.state_dict())
+    assert fresh.merged
+    torch.testing.assert_close(fresh(x), expected, rtol=0, atol=0)
+    fresh.unmerge()
+    torch.testing.assert_close(fresh(x), expected, rtol=1e-5, atol=1e-5)
+    layer.unmerge()
+    with pytest.raises(ValueError, match="scaling .* is 2, this layer's 1"):
+        RoutedLoRALinear(16, 10, r=4, lora_alpha=4).load_state_dict(layer.state_dict())
+    old = {k: v for k, v in layer.state_dict().items() if not k.endswith("_extra_state")}
+    merged = _layer_with_adapter(seed=1)
+    merged.merge()
+    merged.load_state_dict(old)  # strict: the missing entry is not an error
+    assert not merged.merged
+    torch.testing.assert_close(merged(x), layer(x), rtol=0, atol=0)
+
+
+def test_merged_layer_checks_its_inputs(layer):
+    layer.merge()
+    with pytest.raises(ValueError, match="feature size mismatch"):
+        layer(torch.randn(4, 15))
+    with pytest.raises(ValueError, match="mask has shape"):
+        layer(torch.randn(4, 16), torch.ones(99))
 
 
 def _peft_pair(dropout):
@@ -537,6 +585,12 @@ def test_error_mask_dtype_and_values(layer):
         layer(x, torch.tensor([1.0, 0.5, 0.0, 1.0]))
 
 
+def test_error_mask_of_another_type(layer):
+    for mask in ([1, 0, 1, 1], True, np.ones(4)):
+        with pytest.raises(TypeError, match="mask must be a torch.Tensor or None, got"):
+            layer(torch.randn(4, 16), mask)
+
+
 def test_error_mask_on_another_device(layer):
     if not torch.cuda.is_available():
         mask = torch.ones(4, device="meta")  # any device other than x's
@@ -551,6 +605,11 @@ def test_error_rank_and_shapes():
         RoutedLoRALinear(8, 4, r=0)
     with pytest.raises(ValueError, match="lora_dropout must be in"):
         RoutedLoRALinear(8, 4, lora_dropout=1.0)
+    with pytest.raises(ValueError, match="in_features and out_features must be integers >= 1, got 8.0"):
+        RoutedLoRALinear(8.0, 4)
+    for alpha in ("1", float("nan"), True):
+        with pytest.raises(ValueError, match="lora_alpha must be a finite number"):
+            RoutedLoRALinear(8, 4, lora_alpha=alpha)
     x, W = torch.randn(2, 8), torch.randn(4, 8)
     with pytest.raises(ValueError, match="rank r >= 1"):
         routed_lora_linear(x, W, None, torch.randn(0, 8), torch.randn(4, 0), 1.0, None)

@@ -237,6 +237,34 @@ def test_errors_name_the_problem():
         GaussianMixture1D().predict_proba(np.ones(3))
 
 
+def test_losses_that_carry_gradients_are_taken_as_data():
+    logits = torch.randn(50, 4, requires_grad=True)
+    labels = torch.randint(0, 4, (50,))
+    ce = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+    p, _ = clean_probability(ce)
+    expected, _ = clean_probability(ce.detach())
+    assert not p.requires_grad and torch.equal(p, expected)
+
+
+def test_degenerate_and_overflowing_fits_raise():
+    # reg_covar = 0 and a single value (an empty component): sklearn's ill-defined covariance error
+    with pytest.raises(ValueError, match="ill-defined empirical covariance.*increase reg_covar"):
+        GaussianMixture1D(reg_covar=0.0).fit(np.ones(10))
+    with pytest.raises(ValueError, match="ill-defined empirical covariance"):
+        GaussianMixture(2, reg_covar=0.0).fit(np.ones((10, 1)))  # sklearn's own
+    with pytest.raises(ValueError, match="NaN or infinite.*overflow float64"):
+        clean_probability(np.concatenate([np.full(10, 1e200), np.full(10, -1e200), np.arange(10.0)]))
+
+
+def test_classwise_labels_are_any_non_negative_integers():
+    """Large label values (ids, not 0..K-1) group the same as small ones, in memory O(N)."""
+    rng = np.random.default_rng(0)
+    losses, labels = rng.exponential(1.0, 60), rng.integers(0, 3, 60)
+    p, _ = clean_probability(losses, labels=labels)
+    p_big, _ = clean_probability(losses, labels=labels * 10**9 + 7)
+    assert np.array_equal(p, p_big)
+
+
 def test_classwise_losses_subtract_each_class_median_before_the_mixture():
     rng = np.random.default_rng(3)
     labels = rng.integers(0, 5, 400)
