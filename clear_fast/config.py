@@ -7,8 +7,12 @@ learning rates and epochs are this project's choice (see README, "Defaults").
 import argparse
 import dataclasses
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .noise import NOISE_TYPES
 
 METHODS = ("clear-lora", "lora", "full", "oracle-lora")
 EVAL_ROUTING = ("all-on", "stochastic")
@@ -18,6 +22,12 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 # Learning rates chosen per method family (see README "Defaults"); --learning-rate overrides.
 DEFAULT_LR = {"clear-lora": 1e-2, "lora": 1e-2, "oracle-lora": 1e-2, "full": 3e-4}
+DEVICES = re.compile(r"auto|cpu|cuda(:\d+)?")  # what Run's device pick handles
+
+
+class UserError(ValueError):
+    """A mistake the user can fix (a flag, a file, a folder): the CLI prints it as one message
+    with exit status 2, not as a traceback."""
 
 
 def _f(default, help, **kw):
@@ -81,7 +91,7 @@ class TrainConfig:
                                   "mask differs from pass 0's (same masks and logits as separate passes up "
                                   "to rounding; ensemble_passes x eval_batch_size rows per forward)")
     seed: int = _f(0, "seed of initialisation, data order and routing")
-    device: str = _f("auto", "auto | cpu | cuda")
+    device: str = _f("auto", "auto | cpu | cuda | cuda:N")
     bf16: bool = _f(False, "bf16 autocast (GPU)")
     compile: bool = _f(False, "torch.compile the model")
     compile_mode: str = _f("default", "torch.compile mode with --compile: default | reduce-overhead (CUDA "
@@ -129,6 +139,10 @@ class TrainConfig:
         if self.clean_prob_source not in CLEAN_PROB_SOURCES:
             bad.append(f"--clean-prob-source {self.clean_prob_source!r} is not one of "
                        f"{', '.join(CLEAN_PROB_SOURCES)}")
+        if self.noise_type not in NOISE_TYPES:
+            bad.append(f"--noise-type {self.noise_type!r} is not one of {', '.join(NOISE_TYPES)}")
+        if not DEVICES.fullmatch(self.device):
+            bad.append(f"--device {self.device!r} is not one of auto, cpu, cuda, cuda:N (N: a GPU number)")
         if not 0.0 <= self.noise_rate < 1.0:
             bad.append(f"--noise-rate must be in [0, 1), got {self.noise_rate}")
         for name in ("batch_size", "eval_batch_size", "num_epochs", "r", "max_length", "ensemble_passes",
@@ -148,33 +162,117 @@ class TrainConfig:
             bad.append(f"--learning-rate must be > 0, got {self.learning_rate}")
         if not 0.0 <= self.lora_dropout < 1.0:
             bad.append(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+        if not self.weight_decay >= 0:
+            bad.append(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        model_dir = Path(self.model)
+        if model_dir.is_dir() and not (model_dir / "config.json").is_file():
+            bad.append(f"--model {self.model!r} is a folder without config.json: name a folder saved by "
+                       "save_pretrained (config.json, weights and tokenizer files) or a model name")
         if self.train_file and not self.test_file:
             bad.append("--train-file needs --test-file")
         if self.overwrite and self.resume:
             bad.append("--overwrite and --resume contradict each other: choose one")
         if bad:
-            raise ValueError("invalid configuration:\n  " + "\n  ".join(bad))
+            raise UserError("invalid configuration:\n  " + "\n  ".join(bad))
         return self
+
+
+def _field_type(f):
+    # a string under `from __future__ import annotations`
+    return {"bool": bool, "int": int, "float": float, "str": str, "list": list}.get(f.type, f.type)
+
+
+def _default_text(f):
+    """A flag's default as --help shows it: the TrainConfig default (argparse's are None so that a
+    config file can fill what the command line leaves out); None defaults are explained in the help."""
+    if f.default is None:
+        return ""
+    if isinstance(f.default, bool):
+        return f" (default: {'on' if f.default else 'off'})"
+    return f" (default: {f.default})"
 
 
 def build_parser():
     p = argparse.ArgumentParser(
         prog="python -m clear_fast.train",
         description="CleaR (Clean Routing) fine-tuning on noisy labels, with plain LoRA and full "
-                    "fine-tuning baselines. Runs offline on banking77 with MiniLM by default.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "fine-tuning baselines. Runs offline on banking77 with MiniLM by default.")
     p.add_argument("--config", help="JSON or YAML file holding any of these flags (the command line wins)")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        help_ = f.metadata["help"]
-        if f.type is bool or f.type == "bool":
+        help_ = f.metadata["help"] + _default_text(f)
+        if _field_type(f) is bool:
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_)
         else:
-            typ = {"int": int, "float": float, "str": str, "list": str}.get(f.type if isinstance(f.type, str)
-                                                                         else f.type.__name__, str)
+            typ = {int: int, float: float}.get(_field_type(f), str)
             kw = {"nargs": f.metadata["nargs"]} if "nargs" in f.metadata else {}
             p.add_argument(flag, dest=f.name, type=typ, default=None, help=help_, **kw)
     return p
+
+
+_BOOL_WORDS = {"true": True, "yes": True, "false": False, "no": False}
+
+
+def _coerce(value, typ, optional):
+    """value as a config-file value of a field of type typ; raises TypeError when it is not one.
+    YAML 1.1 (PyYAML) reads 1e-3 as a string and JSON has no way to say "float", hence the strings."""
+    if value is None and optional:
+        return None
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _BOOL_WORDS:
+            return _BOOL_WORDS[value.strip().lower()]
+        raise TypeError("true or false")
+    if typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
+            return int(value)
+        raise TypeError("an integer")
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value)
+        elif isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                raise TypeError("a number") from None
+        else:
+            raise TypeError("a number")
+        if not math.isfinite(number):
+            raise TypeError("a finite number")
+        return number
+    if typ is list:
+        if isinstance(value, str):
+            return [value]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return value
+        raise TypeError("a list of names (or one name)")
+    if isinstance(value, str):
+        return value
+    raise TypeError("a string")
+
+
+def _checked_file_values(values, path):
+    """The config file's values coerced to the fields' types; every bad one named in one error."""
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - fields.keys())
+    if unknown:
+        raise UserError(f"config file {path}: unknown setting(s) {', '.join(unknown)}; "
+                        "`python -m clear_fast.train --help` lists them (as --flag-names)")
+    out, bad = {}, []
+    for key, value in values.items():
+        f = fields[key]
+        try:
+            out[key] = _coerce(value, _field_type(f), optional=f.default is None)
+        except TypeError as expected:
+            bad.append(f"{key}: {value!r} is not {expected}")
+    if bad:
+        raise UserError(f"config file {path}: wrong type of value:\n  " + "\n  ".join(bad))
+    return out
 
 
 def load_config_file(path):
@@ -185,15 +283,20 @@ def load_config_file(path):
     if path.suffix.lower() in (".yaml", ".yml"):
         import yaml
 
-        data = yaml.safe_load(text) or {}
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise UserError(f"config file {path} is not valid YAML: {getattr(e, 'problem', None) or e}{where}") from None
     else:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"config file {path} is not valid JSON: {e}") from None
+            raise UserError(f"config file {path} is not valid JSON: {e}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"config file {path} must hold a mapping of flag names to values")
-    return data
+        raise UserError(f"config file {path} must hold a mapping of flag names to values")
+    return _checked_file_values({str(k).replace("-", "_"): v for k, v in data.items()}, path)
 
 
 def parse_config(argv=None):
@@ -201,12 +304,5 @@ def parse_config(argv=None):
     args = vars(build_parser().parse_args(argv))
     config_path = args.pop("config")
     values = load_config_file(config_path) if config_path else {}
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    values = {k.replace("-", "_"): v for k, v in values.items()}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ValueError(f"unknown setting(s) in the config file: {', '.join(unknown)}")
     values.update({k: v for k, v in args.items() if v is not None})
-    if "target_modules" in values and isinstance(values["target_modules"], str):
-        values["target_modules"] = [values["target_modules"]]
     return TrainConfig(**values).validate()

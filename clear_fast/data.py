@@ -23,8 +23,15 @@ from typing import Callable
 
 import numpy as np
 
+from .config import UserError
+
 # Fields of the 20 Newsgroups texts are long; the csv module's default limit (128 KiB) is not enough.
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+
+
+class DataTypeError(UserError, TypeError):
+    """A value of the wrong type in the user's data (a float label, a number as text): a user
+    error that the CLI prints as one message, and still a TypeError for callers that catch one."""
 
 
 @dataclass
@@ -126,15 +133,20 @@ _JSON_EXTENSIONS = (".jsonl", ".json")
 def _read_table(path, text_column: str, label_column: str) -> tuple[list[str], list[str]]:
     """Read one CSV / TSV / JSON-lines file into (texts, raw string labels), checking every row."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"data file {path} is a folder: name the CSV, TSV or JSON-lines file in it")
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
     suffix = path.suffix.lower()
-    if suffix in _DELIMITERS:
-        columns, records = _read_delimited(path, _DELIMITERS[suffix])
-    elif suffix in _JSON_EXTENSIONS:
-        columns, records = _read_json_lines(path)
-    else:
+    if suffix not in _DELIMITERS and suffix not in _JSON_EXTENSIONS:
         raise ValueError(f"{path}: unsupported file type {suffix!r}; use .csv, .tsv, .jsonl or .json (JSON lines)")
+    try:
+        if suffix in _DELIMITERS:
+            columns, records = _read_delimited(path, _DELIMITERS[suffix])
+        else:
+            columns, records = _read_json_lines(path)
+    except UnicodeDecodeError as e:  # its own message names no file
+        raise UserError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}): save it as UTF-8") from None
     if not records:
         raise ValueError(f"{path}: no data rows")
     for column in (text_column, label_column):
@@ -198,7 +210,7 @@ def _label_key(value) -> str | None:
 def _checked_texts(texts: list, source, column: str) -> list[str]:
     bad_type = [i for i, t in enumerate(texts) if t is not None and not isinstance(t, str)]
     if bad_type:
-        raise TypeError(f"{source}: column {column!r} must hold strings; not a string at "
+        raise DataTypeError(f"{source}: column {column!r} must hold strings; not a string at "
                         f"{_rows(bad_type)} (e.g. {texts[bad_type[0]]!r})")
     _check_present(source, column, [i for i, t in enumerate(texts) if t is None or not t.strip()], "empty or missing text")
     return texts
@@ -211,7 +223,7 @@ def _checked_labels(values: list, source, column: str) -> list[str]:
         try:
             keys.append(_label_key(value))
         except TypeError as e:
-            raise TypeError(f"{source}: column {column!r}, {_rows([i])}: {e}") from None
+            raise DataTypeError(f"{source}: column {column!r}, {_rows([i])}: {e}") from None
     _check_present(source, column, [i for i, y in enumerate(keys) if y is None], "missing label")
     return keys
 

@@ -151,6 +151,29 @@ def test_empty_texts_and_missing_labels_name_their_rows(tmp_path):
         load_dataset(train_file=path, test_file=path)
 
 
+def test_wrong_value_types_are_user_errors(tmp_path):
+    """A float or bool label, or a number as text: a UserError (the CLI prints one message, exit 2)
+    that is still a TypeError for callers that catch one."""
+    from clear_fast.config import UserError
+
+    for record, match in (({"text": "a", "label": 1.5}, "float 1.5"), ({"text": "a", "label": True}, "got True"),
+                          ({"text": 123, "label": 1}, "column 'text' must hold strings")):
+        path = write_jsonl(tmp_path / "bad.jsonl", [record, {"text": "b", "label": 2}])
+        with pytest.raises(UserError, match=match) as caught:
+            load_dataset(train_file=path, test_file=path)
+        assert isinstance(caught.value, TypeError) and "bad.jsonl" in str(caught.value)
+
+
+def test_folder_and_non_utf8_files_are_named(tmp_path):
+    good = write_csv(tmp_path / "good.csv", [("a", "x"), ("b", "y")])
+    with pytest.raises(ValueError, match=r"data file .* is a folder"):
+        load_dataset(train_file=tmp_path, test_file=good)
+    latin1 = tmp_path / "latin1.csv"
+    latin1.write_bytes("text,label\ncaf\xe9,x\nb,y\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1.csv is not UTF-8 text .*save it as UTF-8"):
+        load_dataset(train_file=latin1, test_file=good)
+
+
 def test_fewer_than_two_classes(tmp_path):
     path = write_csv(tmp_path / "train.csv", [("a", "x"), ("b", "x")])
     with pytest.raises(ValueError, match=r"1 class\(es\) \['x'\]; a classifier needs at least two"):
