@@ -15,25 +15,32 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def main(argv=None):
     from .config import parse_config
 
+    run = None
     try:
         config = parse_config(argv)
-        from .trainer import train
+        from .trainer import Run
 
-        results = train(config)
-    except (ValueError, FileNotFoundError) as e:
+        run = Run(config)
+        results = run.run()
+    except (ValueError, FileNotFoundError) as e:  # UserError and the libraries' own messages
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\ninterrupted: the last finished epoch is checkpointed; continue with the same command "
-              "plus --resume", file=sys.stderr)
+        advice = run.interrupted_advice() if run is not None else "nothing was written"
+        print(f"\ninterrupted: {advice}", file=sys.stderr)
         return 130
-    out = config.output_dir
     print(f"\nbest test accuracy {results['best_test_accuracy']:.4f} (epoch {results['best_epoch']}), "
           f"last {results['last_test_accuracy']:.4f}"
           + (f", dev-selected {results['dev_selected_test_accuracy']:.4f}" if "dev_selected_test_accuracy" in results else ""))
-    print(f"outputs in {os.path.abspath(out)}: results.json, metrics.jsonl, per_sample.csv, noise.json, plots/, "
-          + ("model/" if config.method == "full" else "adapter/"))
+    print(f"outputs in {os.path.abspath(config.output_dir)}: {', '.join(written_outputs(config))}")
     return 0
+
+
+def written_outputs(config):
+    """The outputs a finished run has written, as the final line lists them."""
+    return (["results.json", "metrics.jsonl", "per_sample.csv", "noise.json", "config.json", "checkpoint.pt"]
+            + (["plots/"] if config.plots else [])
+            + ([("model/" if config.method == "full" else "adapter/")] if config.save_adapter else []))
 
 
 if __name__ == "__main__":

@@ -6,9 +6,11 @@ next epoch (it runs after the last update of an epoch, which is the same as "bef
 of the next"). Every epoch ends with an atomic checkpoint, so --resume continues to the same result.
 """
 import csv
+import hashlib
 import io as _io
 import json
 import platform
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -18,14 +20,23 @@ import torch
 from tqdm.auto import tqdm
 
 from . import io, metrics, plots
-from .config import TrainConfig
+from .config import TrainConfig, UserError
 from .losses import clear_loss
 from .mixture import clean_probability
 from .model import (HeadShield, draw_routing_masks, inject_routed_lora, load_classifier, save_peft_adapter,
                     sentence_embeddings, shared_prefix_passes, without_cudnn_attention)
 
 ROUTED_METHODS = ("clear-lora", "oracle-lora")
-RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "results.json")
+# Everything a run writes into --output-dir (README, "Outputs"): what --overwrite removes. Other
+# files a user keeps there are never touched.
+OUTPUT_FILES = ("config.json", "noise.json", "metrics.jsonl", "results.json", "per_sample.csv", "checkpoint.pt")
+OUTPUT_DIRS = ("plots", "adapter", "model")
+# Settings that may differ on --resume: they change no result (output_dir: the folder given is the run).
+RESUME_FREE = {"resume", "overwrite", "progress", "plots", "shared_prefix_pass", "save_adapter", "output_dir"}
+
+
+class TrainingDiverged(UserError):
+    """The per-sample losses went NaN or infinite: a setting to change, not a bug to report."""
 
 
 # ----------------------------------------------------------------------------- data to tensors
@@ -90,28 +101,87 @@ class Run:
         self.out = Path(config.output_dir)
         self.device = _pick_device(config.device)
         self.routed = config.method in ROUTED_METHODS
+        self.wrote = False  # whether this run has changed anything in its output folder
+        self.checkpoint_epoch = None  # the last epoch checkpointed in it (by this run or the resumed one)
 
     # -- set-up ---------------------------------------------------------------------------
-    def prepare_output_dir(self):
-        existing = [f for f in RUN_FILES if (self.out / f).exists()]
-        if self.cfg.resume:
-            if not (self.out / "checkpoint.pt").exists():
-                raise ValueError(f"--resume: no checkpoint in {self.out} to resume from")
-            saved = TrainConfig.saved_with_defaults(json.loads((self.out / "config.json").read_text()))
-            ignore = {"resume", "overwrite", "progress", "plots", "shared_prefix_pass"}  # no effect on results
-            diff = sorted(k for k, v in self.cfg.to_dict().items() if k not in ignore and saved.get(k) != v)
+    def outputs_present(self):
+        return [f for f in OUTPUT_FILES if (self.out / f).exists()] + \
+               [d + "/" for d in OUTPUT_DIRS if (self.out / d).exists()]
+
+    def check_output_dir(self):
+        """Refuse a start that would mix two runs or resume the wrong one. Reads only: nothing in
+        the folder changes before the data and model have loaded (a failed start leaves it as it was)."""
+        cfg, out = self.cfg, self.out
+        existing = next((p for p in (out, *out.parents) if p.exists()), None)
+        if existing is not None and not existing.is_dir():
+            where = "" if existing == out else f": {existing}"
+            raise UserError(f"--output-dir {out}{where} is a file, not a folder; choose another --output-dir")
+        found = self.outputs_present()
+        has_checkpoint = (out / "checkpoint.pt").exists()
+        # config.json is written once the run has loaded; a checkpoint only after its first epoch
+        never_checkpointed = "config.json" in found and not has_checkpoint and "results.json" not in found
+        if cfg.resume:
+            if never_checkpointed:
+                raise UserError(f"--resume: {out} holds no checkpoint to resume from (its run stopped before "
+                                "finishing its first epoch); start it again with --overwrite instead of --resume")
+            if not has_checkpoint:
+                raise UserError(f"--resume: no checkpoint in {out} to resume from"
+                                + ("" if found else " (no run there); leave out --resume to start a new run"))
+            if not (out / "config.json").exists():
+                raise UserError(f"--resume: {out} has checkpoint.pt but no config.json, so its settings are "
+                                "unknown; start again with --overwrite")
+            saved = TrainConfig.saved_with_defaults(json.loads((out / "config.json").read_text()))
+            now = cfg.to_dict()
+            diff = sorted(k for k, v in now.items() if k not in RESUME_FREE and saved.get(k) != v)
             if diff:
-                raise ValueError(f"--resume: the run in {self.out} was made with different settings: "
-                                 + ", ".join(f"{k} (saved {saved.get(k)!r}, now {self.cfg.to_dict()[k]!r})"
-                                             for k in diff))
-        elif existing and not self.cfg.overwrite:
-            raise ValueError(f"{self.out} already holds a run ({', '.join(existing)}): pass --resume to "
-                             f"continue it, --overwrite to replace it, or choose another --output-dir")
-        elif existing:
-            for f in RUN_FILES:
-                (self.out / f).unlink(missing_ok=True)
-        self.out.mkdir(parents=True, exist_ok=True)
+                raise UserError(f"--resume: the run in {out} was made with different settings: "
+                                + ", ".join(f"{k} (saved {saved.get(k)!r}, now {now[k]!r})" for k in diff))
+        elif never_checkpointed and not cfg.overwrite:
+            raise UserError(f"{out} holds an unfinished run that never checkpointed (it stopped before finishing "
+                            "its first epoch, so --resume cannot continue it): pass --overwrite to start it "
+                            "again, or choose another --output-dir")
+        elif found and not cfg.overwrite:
+            raise UserError(f"{out} already holds a run ({', '.join(found)}): pass --resume to "
+                            f"continue it, --overwrite to replace it, or choose another --output-dir")
+
+    def prepare_output_dir(self):
+        """Once the run has loaded: with --overwrite the old run's outputs go, then this run's
+        configuration and noise are written."""
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create --output-dir {self.out}: {e.strerror or e}") from None
+        self.wrote = True
+        if self.cfg.overwrite:
+            self.remove_outputs()
         io.write_json(self.out / "config.json", self.cfg.to_dict())
+        io.write_json(self.out / "noise.json", {**self.noise_info, "clean_mask": self.clean_mask.astype(int).tolist()})
+
+    def remove_outputs(self):
+        """Every output of an earlier run here, with the temporary files an interrupted write leaves
+        (io's .NAME.*.tmp, save_model's .model.* and NAME.old folders); nothing else."""
+        for name in OUTPUT_FILES:
+            (self.out / name).unlink(missing_ok=True)
+            for tmp in self.out.glob(f".{name}.*.tmp"):
+                tmp.unlink()
+        folders = [self.out / d for d in OUTPUT_DIRS] + [self.out / f"{d}.old" for d in OUTPUT_DIRS]
+        for folder in folders + list(self.out.glob(".model.*")):
+            if folder.is_dir():
+                shutil.rmtree(folder)
+
+    def interrupted_advice(self):
+        """What to do after Ctrl-C, from what this run has left on disk."""
+        cfg, out = self.cfg, self.out
+        if self.checkpoint_epoch is not None:
+            how = "the same command" + (" without --overwrite" if cfg.overwrite else "") + \
+                  ("" if cfg.resume else " plus --resume")
+            return (f"epoch {self.checkpoint_epoch + 1} of {cfg.num_epochs} is checkpointed in {out}; "
+                    f"continue with {how}")
+        if not self.wrote:
+            return f"nothing was written to {out}; run the same command again"
+        return (f"no epoch finished, so {out} holds no checkpoint to resume from; start again with the same "
+                "command" + ("" if cfg.overwrite else " plus --overwrite"))
 
     def load(self):
         from .data import load_dataset, stratified_subset
@@ -129,6 +199,8 @@ class Run:
         self.label_names = list(data.label_names)
         self.train_split = subset(data.train, cfg.max_train_samples)
         dev_split, test_split = subset(data.dev, cfg.max_eval_samples), subset(data.test, cfg.max_eval_samples)
+        self.data_fingerprint = {name: _fingerprint(split, self.label_names) for name, split in
+                                 (("training", self.train_split), ("dev", dev_split), ("test", test_split))}
 
         self.model, tokenizer, self.model_path = load_classifier(cfg.model, data.num_classes, self.label_names)
         self.model.to(self.device)
@@ -148,7 +220,6 @@ class Run:
         self.noise_info = dict(noise.info)
         self.clean_mask = np.asarray(noise.clean_mask, dtype=bool)
         self.train.labels = torch.as_tensor(noise.noisy_labels, dtype=torch.long)
-        io.write_json(self.out / "noise.json", {**self.noise_info, "clean_mask": self.clean_mask.astype(int).tolist()})
 
         if cfg.method == "full":
             self.router = None
@@ -344,39 +415,76 @@ class Run:
             losses = torch.nn.functional.cross_entropy(zbar, labels, reduction="none")
         t1 = time.perf_counter()
         losses64 = losses.double() if losses.device.type == "cpu" else losses
-        p_clean, gmm = clean_probability(losses64, normalize=cfg.normalize_losses,
-                                         labels=labels if cfg.classwise_losses else None)
+        try:
+            p_clean, gmm = clean_probability(losses64, normalize=cfg.normalize_losses,
+                                             labels=labels if cfg.classwise_losses else None)
+        except ValueError:
+            self._check_finite(losses)  # checked only on failure: no host sync in a normal epoch
+            raise
         t2 = time.perf_counter()
         return {"zbar": zbar, "losses": losses.float(), "p_clean": p_clean.float().to(self.device), "gmm": gmm,
                 "pass_s": t1 - t0, "mixture_s": t2 - t1}
+
+    def _check_finite(self, losses):
+        bad = int((~torch.isfinite(losses)).sum())
+        if bad:
+            cfg = self.cfg
+            raise TrainingDiverged(
+                f"training diverged: {bad} of {len(losses)} per-sample training losses are NaN or infinite. "
+                f"Start again (--overwrite) with a lower --learning-rate (this run: {cfg.lr:g})"
+                + (" or without --bf16" if cfg.bf16 else ""))
 
     # -- checkpointing ------------------------------------------------------------------------
     def save_checkpoint(self, epoch, state):
         trainable = {n: p.detach().cpu() for n, p in self.model.named_parameters() if p.requires_grad}
         io.torch_save({"epoch": epoch, "trainable": trainable, "optimizer": self.optimizer.state_dict(),
+                       "data": self.data_fingerprint,
                        **{k: (v.cpu() if torch.is_tensor(v) else v) for k, v in state.items()}},
                       self.out / "checkpoint.pt")
+        self.checkpoint_epoch = epoch
 
     def load_checkpoint(self):
         ck = torch.load(self.out / "checkpoint.pt", map_location="cpu", weights_only=False)
+        self.check_same_data(ck.get("data"))
         params = dict(self.model.named_parameters())
         with torch.no_grad():
             for n, v in ck["trainable"].items():
                 params[n].copy_(v)
         self.optimizer.load_state_dict(ck["optimizer"])
+        self.checkpoint_epoch = ck["epoch"]
         return ck
+
+    def check_same_data(self, saved):
+        """--resume on other data would go on with the old run's clean probabilities and teacher
+        logits for samples they do not belong to. (Checkpoints of earlier versions hold no
+        fingerprint: nothing to compare.)"""
+        if saved is None:
+            return
+        changed = []
+        for split, now in self.data_fingerprint.items():
+            then = saved.get(split)
+            if then == now:
+                continue
+            count = lambda f: "none" if f is None else f"{f['samples']} samples"
+            changed.append(f"the {split} data ({count(then)} then, {count(now)} now)" if count(then) != count(now)
+                           else f"the {split} data (as many samples, {now['samples']}, but other texts or labels)")
+        if changed:
+            raise UserError(f"--resume: the run in {self.out} was trained on other data: {'; '.join(changed)}. "
+                            "Resume with the data it was made with, or start a new run (--overwrite or "
+                            "another --output-dir)")
 
     # -- the whole run -------------------------------------------------------------------------
     def run(self):
         cfg = self.cfg
         t_start = time.perf_counter()
-        self.prepare_output_dir()
+        self.check_output_dir()
         torch.manual_seed(cfg.seed)  # adapter and head initialisation
         self.load()
+        ck = self.load_checkpoint() if cfg.resume else None  # checks the data before anything is written
+        self.prepare_output_dir()
         records, start, pass_out = [], 0, None
         p_clean = teacher = None
         if cfg.resume:
-            ck = self.load_checkpoint()
             start = ck["epoch"] + 1
             records = io.read_jsonl(self.out / "metrics.jsonl")[:start]
             p_clean = ck["p_clean"].to(self.device) if ck.get("p_clean") is not None else None
@@ -508,11 +616,27 @@ def _epoch_line(r, total):
     return "  ".join(parts)
 
 
+def _fingerprint(split, label_names):
+    """Sample count and a hash of the texts and label names of a split (None: no such split)."""
+    if split is None:
+        return None
+    h = hashlib.sha256()
+    for text, label in zip(split.texts, split.labels):
+        h.update(f"{text}\x1f{label_names[label]}\x1e".encode())
+    return {"samples": len(split), "sha256": h.hexdigest()}
+
+
 def _pick_device(name):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA GPU is available here (use --device cpu or auto)")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name}: no CUDA GPU is available here (use --device cpu or auto)")
+        device = torch.device(name)
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: there are only {torch.cuda.device_count()} GPU(s), "
+                            f"numbered from 0")
+        return device
     return torch.device(name)
 
 

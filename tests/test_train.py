@@ -125,7 +125,7 @@ def test_learns_the_toy_task(tiny_models, toy_files, tmp_path):
     assert res["best_test_accuracy"] > 0.6
 
 
-def test_resume_gives_the_same_metrics(tiny_models, toy_files, tmp_path, monkeypatch):
+def test_resume_gives_the_same_metrics(tiny_models, toy_files, tmp_path, monkeypatch, capsys):
     args = cli(tiny_models["bert"], toy_files, tmp_path / "full_run", "--no-save-adapter", "--no-plots")
     assert main(args) == 0
     # interrupt a second run right after epoch 2 is checkpointed, then resume it
@@ -140,6 +140,7 @@ def test_resume_gives_the_same_metrics(tiny_models, toy_files, tmp_path, monkeyp
 
     monkeypatch.setattr(Run, "save_checkpoint", save_then_interrupt)
     assert main(args2) == 130
+    assert "epoch 2 of 3 is checkpointed" in capsys.readouterr().err
     assert not (out2 / "results.json").exists()
     monkeypatch.setattr(Run, "save_checkpoint", original)
     assert main(args2) == 2, "a run already in the folder must not be silently replaced"
@@ -483,3 +484,107 @@ def test_padding_to_a_multiple_changes_only_rounding(tiny_models, toy_files, tmp
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="--pad-to-multiple-of must be a positive integer"):
         parse_config(cli(tiny_models["bert"], toy_files, tmp_path / "b", "--pad-to-multiple-of", "0"))
+
+
+def _tree(folder):
+    """Every file below folder with its bytes: a run folder's exact state."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_touches_nothing_until_loaded_then_removes_every_output(tiny_models, toy_files, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(cli(tiny_models["bert"], toy_files, out, "--num-epochs", "1")) == 0
+    assert "plots/, adapter/" in capsys.readouterr().out
+    (out / "notes.txt").write_text("mine")
+    (out / ".results.json.x1.tmp").write_text("left by an interrupted write")
+    before = _tree(out)
+    # a start that fails (unknown model, a bad data file) leaves the old run exactly as it was
+    assert main(cli("no-such-org/no-such-model", toy_files, out, "--overwrite")) == 2
+    assert main(cli(tiny_models["bert"], toy_files, out, "--overwrite", "--train-file", str(tmp_path))) == 2
+    assert _tree(out) == before
+    # a new run with --overwrite and fewer outputs leaves none of the old run's, and the user's file
+    assert main(cli(tiny_models["bert"], toy_files, out, "--num-epochs", "1", "--overwrite", "--no-plots",
+                    "--no-save-adapter")) == 0
+    final = capsys.readouterr().out.splitlines()[-1]
+    assert "results.json" in final and "plots/" not in final and "adapter/" not in final
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.json", "metrics.jsonl", "noise.json",
+                                                     "notes.txt", "per_sample.csv", "results.json"]
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_a_failed_start_writes_nothing(tiny_models, toy_files, tmp_path):
+    out = tmp_path / "new"
+    assert main(cli("no-such-org/no-such-model", toy_files, out)) == 2
+    assert not out.exists()
+    assert main(cli(tiny_models["bert"], toy_files, out, "--num-epochs", "1", "--no-plots",
+                    "--no-save-adapter")) == 0, "the corrected command runs: nothing was left in its way"
+
+
+def test_a_run_stopped_before_its_first_checkpoint(tiny_models, toy_files, tmp_path, monkeypatch, capsys):
+    """Ctrl-C in the first epoch: the advice says there is no checkpoint; the folder then holds only
+    config.json and noise.json, which a plain rerun and --resume explain, and --overwrite restarts."""
+    out = tmp_path / "o"
+    args = cli(tiny_models["bert"], toy_files, out, "--num-epochs", "1", "--no-plots", "--no-save-adapter")
+    train_epoch = Run.train_epoch
+
+    def interrupted(self, *a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Run, "train_epoch", interrupted)
+    assert main(args) == 130
+    err = capsys.readouterr().err
+    assert "holds no checkpoint" in err and "--overwrite" in err and "is checkpointed" not in err
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "noise.json"]
+    monkeypatch.setattr(Run, "train_epoch", train_epoch)
+    assert main(args) == 2
+    assert "unfinished run that never checkpointed" in capsys.readouterr().err
+    assert main(args + ["--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "no checkpoint to resume from" in err and "--overwrite instead of --resume" in err
+    assert main(args + ["--overwrite"]) == 0
+
+
+def test_interrupted_while_loading_says_nothing_was_written(tiny_models, toy_files, tmp_path, monkeypatch, capsys):
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Run, "load", interrupted)
+    assert main(cli(tiny_models["bert"], toy_files, tmp_path / "o")) == 130
+    assert "nothing was written" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_resume_refuses_other_data_and_accepts_the_run_folder_however_named(tiny_models, toy_files, tmp_path,
+                                                                              capsys):
+    train = tmp_path / "train.csv"
+    lines = (toy_files / "train.csv").read_text().splitlines(keepends=True)
+    train.write_text("".join(lines))
+    out = tmp_path / "o"
+    args = lambda o, *extra: cli(tiny_models["bert"], toy_files, o, "--train-file", str(train), "--num-epochs", "1",
+                                 "--no-plots", "--no-save-adapter", "--resume", *extra)
+    assert main(args(out)[:-1]) == 0
+    # the folder is the run: another spelling of it, or the folder moved, resumes it
+    assert main(args(str(out) + "/")) == 0
+    out.rename(tmp_path / "moved")
+    assert main(args((tmp_path / "moved").resolve())) == 0
+    capsys.readouterr()
+    train.write_text("".join(lines[:121]))
+    assert main(args(tmp_path / "moved")) == 2
+    assert "the training data (160 samples then, 120 samples now)" in capsys.readouterr().err
+    train.write_text("".join(lines[:1] + lines[2:] + lines[1:2]))  # the same rows, another order
+    assert main(args(tmp_path / "moved")) == 2
+    assert "the training data (as many samples, 160, but other texts or labels)" in capsys.readouterr().err
+
+
+def test_divergence_is_named_with_its_fix(tiny_models, toy_files, tmp_path, monkeypatch, capsys):
+    """Non-finite per-sample losses: one message saying training diverged and what to lower."""
+    predict = Run.predict
+
+    def blown_up(self, split, gamma, passes, desc):
+        logits = predict(self, split, gamma, passes, desc)
+        return logits * float("nan") if desc == "clean-probability pass" else logits
+
+    monkeypatch.setattr(Run, "predict", blown_up)
+    assert main(cli(tiny_models["bert"], toy_files, tmp_path / "o", "--num-epochs", "1", "--bf16")) == 2
+    err = capsys.readouterr().err
+    assert "training diverged: 160 of 160 per-sample training losses are NaN" in err
+    assert "lower --learning-rate (this run: 0.003)" in err and "without --bf16" in err
