@@ -296,13 +296,16 @@ def load_config_file(path):
             raise UserError(f"config file {path} is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise UserError(f"config file {path} must hold a mapping of flag names to values")
-    return _checked_file_values({str(k).replace("-", "_"): v for k, v in data.items()}, path)
+    return data
 
 
 def parse_config(argv=None):
     """Defaults < --config file < command line."""
     args = vars(build_parser().parse_args(argv))
     config_path = args.pop("config")
-    values = load_config_file(config_path) if config_path else {}
+    values = {}
+    if config_path:
+        raw = load_config_file(config_path)
+        values = _checked_file_values({str(k).replace("-", "_"): v for k, v in raw.items()}, config_path)
     values.update({k: v for k, v in args.items() if v is not None})
     return TrainConfig(**values).validate()
