@@ -10,9 +10,10 @@ scalars by value and type). The calls cross every class Triton specialises on - 
 16-byte alignment, integers equal to 1, divisible by 16, wider than 32 or 64 bits, unspecialised
 integers, constexprs, launch options - and repeat each class so that the Launcher's own path (no
 call of Triton's JITFunction.run) is taken and counted. Then every launch of the library (routed
-LoRA, fused loss, mixture E-step), through its Launcher and through Triton. Run by tests/test_kernels_compile.py
-in a subprocess (the tests' conftest turns the interpreter on). Prints 'fast launch: OK ...';
-exits 1 on a mismatch.
+LoRA, fused loss, mixture E-step), through its Launcher and through Triton. Also: a launch hook or
+CLEAR_FAST_DIRECT_LAUNCH=0 sends launches through Triton. Run by tests/test_kernels_compile.py in a
+subprocess (the tests' conftest turns the interpreter on). Prints 'fast launch: OK ...'; exits 1 on
+a mismatch.
 """
 import os
 import sys
@@ -62,9 +63,9 @@ def compare(fast, slow, what, fresh=()):
     # launch metadata and the enter and exit hooks: Triton passes its (empty) hook chains and the
     # metadata they would get, the Launcher None for all three, which Triton's launchers read as
     # no hook; both call nothing. Everything else: the same.
-    hooks = HOOKS
-    assert (a1[hooks] == (None, None, None) and not a2[hooks][1].calls and not a2[hooks][2].calls) or \
-        (type(a1[6]) is type(a2[6]) and a1[7:9] == a2[7:9]), f"{what}: hooks differ: {a1[hooks]} vs {a2[hooks]}"
+    h1, h2 = a1[HOOKS], a2[HOOKS]
+    assert (h1 == (None, None, None) and not h2[1].calls and not h2[2].calls) or \
+        (type(h1[0]) is type(h2[0]) and h1[1:] == h2[1:]), f"{what}: hooks differ: {h1} vs {h2}"
     rest = [i for i in range(len(a2)) if not HOOKS.start <= i < HOOKS.stop]
     assert len(a1) == len(a2) and all(same(a1[i], a2[i], i in fresh) for i in rest), \
         f"{what}: launcher arguments differ:\n fast {a1}\n triton {a2}"
