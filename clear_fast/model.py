@@ -3,6 +3,7 @@ target linears, freeze the backbone, and route each transformer layer with its o
 import contextlib
 import os
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -52,15 +53,22 @@ def load_classifier(name, num_labels, label_names=None):
 
 @contextlib.contextmanager
 def _quiet_transformers():
-    """A fresh classification head is expected here: no load report about it."""
+    """A fresh classification head is expected here: no load report about it, no loading bar (it
+    showed under --no-progress too), and not the FutureWarning that peft's get_peft_model raises
+    through transformers' deprecated is_gradient_checkpointing (nothing a user can act on)."""
     from transformers.utils import logging as hf_logging
 
-    verbosity = hf_logging.get_verbosity()
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            yield
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _hub_offline():
@@ -337,7 +345,8 @@ def save_peft_adapter(model, router, base_path, out_dir, config):
                       target_modules=sorted({n.split(".")[-1] for n in router.module_names}),
                       modules_to_save=head_module_names(model),
                       task_type="SEQ_CLS")
-    peft_model = get_peft_model(fresh, lcfg)
+    with _quiet_transformers():
+        peft_model = get_peft_model(fresh, lcfg)
     ours = dict(model.named_modules())
     with torch.no_grad():
         for name, module in peft_model.base_model.model.named_modules():

@@ -588,3 +588,23 @@ def test_divergence_is_named_with_its_fix(tiny_models, toy_files, tmp_path, monk
     err = capsys.readouterr().err
     assert "training diverged: 160 of 160 per-sample training losses are NaN" in err
     assert "lower --learning-rate (this run: 0.003)" in err and "without --bf16" in err
+
+
+def test_model_loading_is_quiet_and_restores_transformers_settings():
+    """No loading bar or peft/transformers deprecation warning inside; the user's settings after."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    from clear_fast.model import _quiet_transformers
+
+    hf_logging.enable_progress_bar()
+    before = hf_logging.get_verbosity()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with _quiet_transformers():
+            assert not hf_logging.is_progress_bar_enabled()
+            warnings.warn("`is_gradient_checkpointing` is deprecated", FutureWarning)
+        warnings.warn("another warning", FutureWarning)
+    assert [str(w.message) for w in seen] == ["another warning"]
+    assert hf_logging.is_progress_bar_enabled() and hf_logging.get_verbosity() == before
