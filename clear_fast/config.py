@@ -9,12 +9,14 @@ import dataclasses
 import json
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .noise import NOISE_TYPES
 
 METHODS = ("clear-lora", "lora", "full", "oracle-lora")
+ROUTED_METHODS = ("clear-lora", "oracle-lora")  # those that route by a clean probability (or the truth)
 EVAL_ROUTING = ("all-on", "stochastic")
 HEAD_ROUTING = ("all", "routed")
 CLEAN_PROB_SOURCES = ("pass", "train-steps")
@@ -174,6 +176,10 @@ class TrainConfig:
             bad.append("--overwrite and --resume contradict each other: choose one")
         if bad:
             raise UserError("invalid configuration:\n  " + "\n  ".join(bad))
+        if self.method in ROUTED_METHODS and self.warmup_epochs >= self.num_epochs:
+            warnings.warn(f"--method {self.method} with --warmup-epochs {self.warmup_epochs} >= --num-epochs "
+                          f"{self.num_epochs}: every epoch is warm-up, nothing is routed by clean "
+                          "probability", UserWarning, stacklevel=2)
         return self
 
 

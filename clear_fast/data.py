@@ -164,6 +164,10 @@ def _read_delimited(path: Path, delimiter: str) -> tuple[list[str], list[dict]]:
         header = next(reader, None)
         if header is None:
             raise ValueError(f"{path}: empty file (no header row)")
+        repeated = sorted({c for c in header if header.count(c) > 1})
+        if repeated:  # a row as a dict would keep only the last of them, silently
+            raise ValueError(f"{path}: the header names column(s) {repeated} more than once; give each "
+                             "column its own name")
         records = []
         for row in reader:
             if not row:  # blank line

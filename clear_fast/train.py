@@ -5,6 +5,7 @@ as one clear message with exit status 2, not as a traceback.
 """
 import os
 import sys
+import warnings
 
 # Offline unless the user says otherwise: a hub name then fails at once instead of retrying for ~46 s.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -17,7 +18,11 @@ def main(argv=None):
 
     run = None
     try:
-        config = parse_config(argv)
+        with warnings.catch_warnings(record=True) as notes:  # about the settings: one line each
+            warnings.simplefilter("always")
+            config = parse_config(argv)
+        for note in notes:
+            print(f"warning: {note.message}", file=sys.stderr)
         from .trainer import Run
 
         run = Run(config)

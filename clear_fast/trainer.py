@@ -20,13 +20,12 @@ import torch
 from tqdm.auto import tqdm
 
 from . import io, metrics, plots
-from .config import TrainConfig, UserError
+from .config import ROUTED_METHODS, TrainConfig, UserError
 from .losses import clear_loss
 from .mixture import clean_probability
 from .model import (HeadShield, draw_routing_masks, inject_routed_lora, load_classifier, save_peft_adapter,
                     sentence_embeddings, shared_prefix_passes, without_cudnn_attention)
 
-ROUTED_METHODS = ("clear-lora", "oracle-lora")
 # Everything a run writes into --output-dir (README, "Outputs"): what --overwrite removes. Other
 # files a user keeps there are never touched.
 OUTPUT_FILES = ("config.json", "noise.json", "metrics.jsonl", "results.json", "per_sample.csv", "checkpoint.pt")

@@ -1,5 +1,7 @@
 """Errors a user can fix end as one message with exit status 2 (no traceback), found before any
 model loads; config-file values are checked against the flags' types; --help shows real defaults."""
+import warnings
+
 import pytest
 
 from clear_fast.config import TrainConfig, UserError, build_parser, parse_config
@@ -125,3 +127,20 @@ def test_help_shows_the_real_defaults(capsys):
     # a flag whose default depends on others keeps its own explanation
     assert "(default per method: LoRA 1e-2, full 3e-4)" in text
     assert f"(default: {defaults.noise_type})" in text
+
+
+def test_routed_method_with_only_warm_up_epochs_warns():
+    with pytest.warns(UserWarning, match="every epoch is warm-up"):
+        parse_config(["--warmup-epochs", "3", "--num-epochs", "3"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        parse_config(["--warmup-epochs", "3", "--num-epochs", "3", "--method", "lora"])  # nothing routes anyway
+        parse_config(["--warmup-epochs", "2", "--num-epochs", "3"])
+
+
+def test_cli_prints_a_settings_warning_as_one_line(capsys, tmp_path):
+    assert main(["--warmup-epochs", "3", "--num-epochs", "3", "--dataset", "no-such-dataset",
+                 "--output-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "warning: --method clear-lora with --warmup-epochs 3 >= --num-epochs 3" in err
+    assert "UserWarning" not in err and "config.py" not in err

@@ -127,6 +127,13 @@ def test_missing_column_names_it_and_the_columns_present(tmp_path):
         load_dataset(train_file=jsonl, test_file=jsonl)
 
 
+def test_a_column_named_twice_is_an_error(tmp_path):
+    train = tmp_path / "train.csv"
+    train.write_text("text,label,text\na,x,b\nc,y,d\n")
+    with pytest.raises(ValueError, match=r"train.csv: the header names column\(s\) \['text'\] more than once"):
+        load_dataset(train_file=train, test_file=train)
+
+
 def test_unseen_test_label_names_label_and_file(tmp_path):
     train = write_csv(tmp_path / "train.csv", [("a", "x"), ("b", "y")])
     test = write_csv(tmp_path / "test.csv", [("c", "x"), ("d", "z")])
