@@ -14,15 +14,30 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def main(argv=None):
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line_for_ours(warnings.showwarning)
+        return _main(argv)
+
+
+def _one_line_for_ours(show):
+    """clear_fast's own warnings (settings, data, the mixture's convergence) as one 'warning:' line
+    each, the moment they are raised; other libraries' warnings as those libraries print them."""
+    package = os.path.dirname(os.path.abspath(__file__))
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, UserWarning) and os.path.abspath(filename).startswith(package):
+            print(f"warning: {message}", file=sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+    return showwarning
+
+
+def _main(argv):
     from .config import parse_config
 
     run = None
     try:
-        with warnings.catch_warnings(record=True) as notes:  # about the settings: one line each
-            warnings.simplefilter("always")
-            config = parse_config(argv)
-        for note in notes:
-            print(f"warning: {note.message}", file=sys.stderr)
+        config = parse_config(argv)
         from .trainer import Run
 
         run = Run(config)

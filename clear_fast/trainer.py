@@ -197,6 +197,11 @@ class Run:
         self.data_notes = list(data.notes)
         self.label_names = list(data.label_names)
         self.train_split = subset(data.train, cfg.max_train_samples)
+        missing = data.num_classes - len(np.unique(self.train_split.labels))
+        if missing:
+            warnings.warn(f"the training set ({len(self.train_split)} samples) holds no sample of {missing} of the "
+                          f"{data.num_classes} classes: raise --max-train-samples to at least {data.num_classes}",
+                          UserWarning, stacklevel=2)
         dev_split, test_split = subset(data.dev, cfg.max_eval_samples), subset(data.test, cfg.max_eval_samples)
         self.data_fingerprint = {name: _fingerprint(split, self.label_names) for name, split in
                                  (("training", self.train_split), ("dev", dev_split), ("test", test_split))}

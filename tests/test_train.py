@@ -608,3 +608,16 @@ def test_model_loading_is_quiet_and_restores_transformers_settings():
         warnings.warn("another warning", FutureWarning)
     assert [str(w.message) for w in seen] == ["another warning"]
     assert hf_logging.is_progress_bar_enabled() and hf_logging.get_verbosity() == before
+
+
+def test_training_subset_missing_classes_warns_in_one_line(tiny_models, toy_files, tmp_path, capsys):
+    """3 training samples of a 4-class task: the run goes on, with a one-line warning that says why
+    and what to raise (the CLI prints clear_fast's warnings so, other libraries' as they do)."""
+    args = cli(tiny_models["bert"], toy_files, tmp_path / "o", "--num-epochs", "1", "--no-plots",
+               "--no-save-adapter")
+    args[args.index("--max-train-samples") + 1] = "3"
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert ("warning: the training set (3 samples) holds no sample of 1 of the 4 classes: raise "
+            "--max-train-samples to at least 4") in err
+    assert "UserWarning" not in err and "trainer.py" not in err
