@@ -52,15 +52,8 @@ def _main(argv):
     print(f"\nbest test accuracy {results['best_test_accuracy']:.4f} (epoch {results['best_epoch']}), "
           f"last {results['last_test_accuracy']:.4f}"
           + (f", dev-selected {results['dev_selected_test_accuracy']:.4f}" if "dev_selected_test_accuracy" in results else ""))
-    print(f"outputs in {os.path.abspath(config.output_dir)}: {', '.join(written_outputs(config))}")
+    print(f"outputs in {os.path.abspath(config.output_dir)}: {', '.join(run.outputs_present())}")
     return 0
-
-
-def written_outputs(config):
-    """The outputs a finished run has written, as the final line lists them."""
-    return (["results.json", "metrics.jsonl", "per_sample.csv", "noise.json", "config.json", "checkpoint.pt"]
-            + (["plots/"] if config.plots else [])
-            + ([("model/" if config.method == "full" else "adapter/")] if config.save_adapter else []))
 
 
 if __name__ == "__main__":
