@@ -17,6 +17,8 @@ Rows: building one batch (Tokenized.batch, every step's host work before its for
 by variant (epoch_table.py's variants, routed fraction 0.68 for clear-lora); per layer call, forward + backward of the routed layer (all routed; clear-lora's masks) against
 peft's LoRA and F.linear. Median of rounds, each the minimum per call over a loop, the variants
 interleaved. The model structure is that of MiniLM / BERT-base (layer counts), widths tiny.
+Parts: the same step of each variant cut into Run.train_step's parts (routing masks, forward,
+loss, backward, AdamW with zero_grad), each timed on its own, median over rounds x steps.
 """
 import argparse
 import os
@@ -69,8 +71,9 @@ def interleaved(fns, rounds, calls):
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def step_fns(model_name):
-    """{variant: a training step as epoch_table.step_fn takes it} on a batch of 32 x 16 tokens."""
+def step_cases(model_name, kinds):
+    """(batch of 32 x 16 tokens, {variant label: (run, routing probabilities, teacher)}): a Run per
+    variant around a copy of one small model, AdamW fused as Run makes it on CUDA."""
     et.MODELS[model_name + "-small"] = sl.MODELS[model_name]
     base = et.base_classifier(model_name + "-small")
     g = torch.Generator().manual_seed(1)
@@ -78,8 +81,8 @@ def step_fns(model_name):
              "attention_mask": torch.ones(et.BATCH, sl.SEQ, dtype=torch.long),
              "labels": torch.randint(0, et.NUM_LABELS, (et.BATCH,), generator=g)}
     teacher = torch.randn(et.BATCH, et.NUM_LABELS, generator=g)
-    fns = {}
-    for kind in et.VARIANTS:
+    cases = {}
+    for kind in kinds:
         model, router = et.build(kind, base, torch.device("cpu"))
         run = et.make_run(kind, model, router, torch.device("cpu"))
         for group in run.optimizer.param_groups:
@@ -87,8 +90,49 @@ def step_fns(model_name):
         routed = kind in ("clear-lora", "reference")
         p = et.GAMMA * et.clean_flags(et.BATCH, sl.NOISE, seed=2) if routed else None
         label = f"{kind}@{et.GAMMA * (1 - sl.NOISE):.2f}" if routed else kind
-        fns[label] = et.step_fn(run, batch, p, teacher if routed else None)
-    return fns
+        cases[label] = (run, p, teacher if routed else None)
+    return batch, cases
+
+
+def step_fns(model_name):
+    """{variant: a training step as epoch_table.step_fn takes it}."""
+    batch, cases = step_cases(model_name, et.VARIANTS)
+    return {label: et.step_fn(run, batch, p, t) for label, (run, p, t) in cases.items()}
+
+
+def step_parts_ms(model_name, rounds, steps=5):
+    """{variant: {part: median ms}}: Run.train_step's parts timed one by one (its body, written out
+    here to put a clock between the parts), the variants interleaved in every round."""
+    from clear_fast.losses import clear_loss
+
+    batch, cases = step_cases(model_name, ("clear-lora", "lora", "peft"))
+    for run, _, _ in cases.values():
+        run.model.train()
+
+    def one_step(run, p, t):
+        clock = [time.perf_counter()]
+        run._route(p)
+        clock.append(time.perf_counter())
+        logits = run._logits(batch)
+        clock.append(time.perf_counter())
+        loss, _ = clear_loss(logits, batch["labels"], t, run.cfg.consistency_weight, run.cfg.temperature)
+        clock.append(time.perf_counter())
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        clock.append(time.perf_counter())
+        run.optimizer.step()
+        clock.append(time.perf_counter())
+        return [(b - a) * 1e3 for a, b in zip(clock, clock[1:])]
+
+    names = ("routing", "forward", "loss", "backward", "AdamW")
+    times = {k: [] for k in cases}
+    for r in range(rounds + 1):  # round 0 warms up
+        for k, case in cases.items():
+            for _ in range(steps):
+                parts = one_step(*case)
+                if r:
+                    times[k].append(parts)
+    return {k: dict(zip(names, (statistics.median(col) for col in zip(*v)))) for k, v in times.items()}
 
 
 def layer_fns(width=32, rows=(32, 16)):
@@ -133,6 +177,11 @@ def table(result):
     for name, steps in result["step_us"].items():
         lines += [f"| {name} | {k} | {v / 1e3:.2f} | {v / steps['lora']:.3f} | {v / steps['peft']:.3f} |"
                   for k, v in steps.items()]
+    for name, variants in result.get("step_parts_ms", {}).items():
+        parts = list(next(iter(variants.values())))
+        lines += ["", f"{name}, a step by part (ms, median)", "", "| variant | " + " | ".join(parts) + " |",
+                  "|---|" + "---:|" * len(parts)]
+        lines += [f"| {k} | " + " | ".join(f"{v[p]:.2f}" for p in parts) + " |" for k, v in variants.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -149,7 +198,8 @@ def main(argv=None):
     result = {"machine": machine(), "rounds": args.rounds,
               "layer_us": interleaved(layer_fns(), args.rounds, calls=200),
               "batch_us": interleaved(batch_fn(), args.rounds, calls=200),
-              "step_us": {name: interleaved(step_fns(name), args.rounds, calls=5) for name in args.models}}
+              "step_us": {name: interleaved(step_fns(name), args.rounds, calls=5) for name in args.models},
+              "step_parts_ms": {name: step_parts_ms(name, args.rounds) for name in args.models}}
     md = table(result)
     save_json_and_md(args.out, "step_host_cost", result, md)
     print(md)
