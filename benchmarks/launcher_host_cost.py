@@ -10,8 +10,9 @@ driver, and the final C call into the CUDA driver is replaced by a no-op, so wha
 the launch but cuLaunchKernel (a few us on a GPU host). Per call, minimum over 5 rounds:
 
   launcher        kernels.routed_lora.lora_forward_ / lora_backward as the layer calls them
-  Launcher call   the forward kernel launched through its kernels/launch.py Launcher, arguments
-                  written out (the launch's share of the forward launcher)
+  Launcher launch the forward kernel launched through its kernels/launch.py Launcher with its
+                  prepared constexprs, as the launcher does (the launch's share of the launcher)
+  Launcher call   the same with the constexprs as keywords (Launcher.__call__)
   Triton launch   the same through Triton's own path, kernel[grid](...)
 
 Tensors are CPU tensors of small shapes (the backward's final torch sum of partial gradients, a
@@ -53,17 +54,20 @@ def main():
     dy, dx, mask = torch.randn(M, N), torch.randn(M, K), torch.ones(M // rows_per_mask)
     u = rl.lora_forward_(y, x, a, b, mask, rows_per_mask, 2.0)
     c = rl.CONFIG
-    meta = rl._launch_meta(c, R, x.dtype, a.dtype, y.dtype, b.dtype, torch.get_float32_matmul_precision(), None)
+    precision = torch.get_float32_matmul_precision()
+    meta = rl._launch_meta(c, R, x.dtype, a.dtype, y.dtype, b.dtype, precision, None)
+    prepared = rl._prepared(c, R, x.dtype, a.dtype, y.dtype, b.dtype, precision, None)
 
     grid = (cdiv(M, c.block_m),)
     args = (x, a, b, y, u, mask, M, K, N, R, rows_per_mask, 2.0)
     rows = {"forward launcher": lambda: rl.lora_forward_(y, x, a, b, mask, rows_per_mask, 2.0),
+            "forward Launcher launch": lambda: rl._forward.launch(grid, args, prepared),
             "forward Launcher call": lambda: rl._forward(grid, *args, **meta),
             "forward Triton launch": lambda: rl._forward_kernel[grid](*args, **meta),
             "backward launcher": lambda: rl.lora_backward(dy, x, u, a, b, mask, rows_per_mask, 2.0, dx)}
     print(f"triton {triton.__version__}, torch {torch.__version__}; host us per call (min of 5 rounds)")
     for name, fn in rows.items():
-        print(f"{name:22s} {per_call_us(fn):7.1f} us")
+        print(f"{name:24s} {per_call_us(fn):7.1f} us")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ launches are host-bound at training sizes. A Launcher remembers the compiled ker
 under its own key, which tells apart at least every case Triton's specialisation does (dtypes,
 alignment, integer classes, the constexprs and options, the device, Triton's debug and
 instrumentation settings), and on a hit calls that kernel's launcher with the arguments Triton
-would pass it. tests/fast_launch_check.py checks both, kernel and arguments, against Triton's
+would pass it. A caller that launches with the same constexprs and options many times prepares them
+once (Launcher.prepare, then Launcher.launch): the routed layer's launches do (benchmarks/launcher_host_cost.py). tests/fast_launch_check.py checks both, kernel and arguments, against Triton's
 own path. Triton launches the first call of every case itself, and every call while a launch
 hook is set (profilers use them), or when the kernel's signature does not have the form this
 relies on (constexprs last, no pre-run hooks), or when an argument is of another kind than a
@@ -34,11 +35,13 @@ class Launcher:
 
     def __init__(self, kernel):
         self.kernel = kernel
-        # key -> (compiled kernel, its launch function, CUfunction, packed metadata, constexpr values);
+        # key -> (compiled kernel, its launch function, CUfunction, packed metadata);
         # the compiled kernel is held so that its module stays loaded (Triton unloads it on deletion)
         self._compiled = {}
+        self._prepared = {}  # meta.items() -> Prepared, for calls with meta
         params = getattr(kernel, "params", None)
         self._direct = False
+        self._constexpr_names = None
         if (knobs is None or params is None or getattr(kernel, "pre_run_hooks", None)
                 or os.environ.get("CLEAR_FAST_DIRECT_LAUNCH", "1") == "0"):
             return
@@ -52,28 +55,41 @@ class Launcher:
         self._direct = True
 
     def __call__(self, grid, *args, **meta):
-        key = self._key(args, meta) if self._direct else None
+        items = tuple(meta.items())
+        prepared = self._prepared.get(items)
+        if prepared is None:
+            prepared = self._prepared[items] = self.prepare(**meta)
+        self.launch(grid, args, prepared)
+
+    def prepare(self, **meta):
+        """The constexprs and launch options `meta` made ready for launch(): a caller that launches
+        with the same ones many times prepares them once (a routed layer's launches do)."""
+        return Prepared(meta, self._constexpr_names if self._direct else None)
+
+    def launch(self, grid, args, prepared):
+        """kernel[grid](*args, **prepared.meta)."""
+        key = self._key(args, prepared) if self._direct else None
         hit = None if key is None else self._compiled.get(key)
         if hit is None or _hooked():
-            compiled = self.kernel[grid](*args, **meta)
+            compiled = self.kernel[grid](*args, **prepared.meta)
             if key is not None and compiled is not None:
                 run = compiled.run  # loads the module on first use
-                self._compiled[key] = (compiled, run, compiled.function, compiled.packed_metadata,
-                                       tuple(meta[n] for n in self._constexpr_names))
+                self._compiled[key] = (compiled, run, compiled.function, compiled.packed_metadata)
             return
-        _, run, function, packed_metadata, constexprs = hit
+        _, run, function, packed_metadata = hit
         n = len(grid)
         run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, driver.active.get_current_stream(key[0]),
-            function, packed_metadata, None, None, None, *args, *constexprs)
+            function, packed_metadata, None, None, None, *args, *prepared.constexprs)
 
-    def _key(self, args, meta):
+    def _key(self, args, prepared):
         """A tuple that differs whenever Triton's specialisation of these arguments could, or None
-        (an argument this does not classify, or a count that does not match the signature)."""
-        if len(args) != len(self._specialised):
+        (an argument this does not classify, a count that does not match the signature, a constexpr
+        left to its default)."""
+        if len(args) != len(self._specialised) or prepared.constexprs is None:
             return None
         # what Triton adds to a launch's options from its settings, as of 3.9
         key = [driver.active.get_current_device(), knobs.runtime.debug, knobs.compilation.instrumentation_mode,
-               getattr(knobs.compilation, "fpsan_homomorphic_casts", None), *meta.items()]
+               getattr(knobs.compilation, "fpsan_homomorphic_casts", None), prepared]
         for a, specialised in zip(args, self._specialised):
             cls = a.__class__
             if cls is int:  # bool is not int here: Triton types it u1, left to Triton
@@ -86,6 +102,26 @@ class Launcher:
             else:
                 return None
         return tuple(key)
+
+
+class Prepared:
+    """A launch's constexprs and options (meta), with what a Launcher's direct call needs of them:
+    the constexpr values in signature order (None when one is missing: Triton fills in defaults) and
+    a hash made once (part of every launch's cache key)."""
+    __slots__ = ("meta", "constexprs", "_items", "_hash")
+
+    def __init__(self, meta, constexpr_names):
+        self.meta = meta
+        self.constexprs = (None if constexpr_names is None or any(n not in meta for n in constexpr_names)
+                           else tuple(meta[n] for n in constexpr_names))
+        self._items = tuple(meta.items())
+        self._hash = hash(self._items)
+
+    def __hash__(self):
+        return self._hash
+
+    def __eq__(self, other):
+        return self is other or (isinstance(other, Prepared) and self._items == other._items)
 
 
 def _hooked():

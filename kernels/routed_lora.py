@@ -260,13 +260,10 @@ def _with_half_dots(config):  # once per configuration, not a new tuple per laun
     return config._replace(half_dots=True)
 
 
-@functools.lru_cache(maxsize=None)
 def _launch_meta(c, r, x_dtype, a_dtype, y_dtype, b_dtype, fp32_precision, has_dx):
-    """A kernel's compile-time arguments for these dtypes: worked out once per combination, not at
-    every launch (a routed layer's launches are host-bound at training sizes). The products with A
-    multiply x (forward) or dY (backward) of x_dtype, those with B y (forward) or dY of y_dtype.
-    fp32_precision: torch.get_float32_matmul_precision(), read per launch by the caller so that a
-    change takes effect. has_dx: None for the forward, else the backward's HAS_DX."""
+    """A kernel's compile-time arguments for these dtypes. The products with A multiply x (forward)
+    or dY (backward) of x_dtype, those with B y (forward) or dY of y_dtype. fp32_precision:
+    torch.get_float32_matmul_precision(). has_dx: None for the forward, else the backward's HAS_DX."""
     acc = acc_dtype(x_dtype)
     dot_a, dot_b = _dot_dtype(x_dtype, a_dtype, c.half_dots), _dot_dtype(y_dtype, b_dtype, c.half_dots)
     meta = dict(BLOCK_M=c.block_m, BLOCK_K=c.block_k, BLOCK_N=c.block_n, BLOCK_R=_block_r(r),
@@ -276,6 +273,15 @@ def _launch_meta(c, r, x_dtype, a_dtype, y_dtype, b_dtype, fp32_precision, has_d
         dot_g = _grad_dot_dtype(dot_a, dot_b, acc)
         meta.update(HAS_DX=has_dx, DOT_G=dot_g, PRECISION_G=_precision(dot_g, fp32_precision))
     return meta
+
+
+@functools.lru_cache(maxsize=None)
+def _prepared(c, r, x_dtype, a_dtype, y_dtype, b_dtype, fp32_precision, has_dx):
+    """_launch_meta's arguments prepared for the forward's (has_dx None) or the backward's Launcher,
+    once per combination, not at every launch (a routed layer's launches are host-bound at training
+    sizes). The caller reads fp32_precision at every launch, so that a change takes effect."""
+    launcher = _forward if has_dx is None else _backward
+    return launcher.prepare(**_launch_meta(c, r, x_dtype, a_dtype, y_dtype, b_dtype, fp32_precision, has_dx))
 
 
 def _check_in_place(t, name):
@@ -297,8 +303,8 @@ def lora_forward_(y, x, a, b, mask, rows_per_mask, scaling, config=None, half_do
     M, K = x.shape
     N, R = b.shape
     u = torch.empty((M, R), device=x.device, dtype=acc_dtype(x.dtype))
-    meta = _launch_meta(c, R, x.dtype, a.dtype, y.dtype, b.dtype, torch.get_float32_matmul_precision(), None)
-    _forward((cdiv(M, c.block_m),), x, a, b, y, u, mask, M, K, N, R, rows_per_mask, float(scaling), **meta)
+    plan = _prepared(c, R, x.dtype, a.dtype, y.dtype, b.dtype, torch.get_float32_matmul_precision(), None)
+    _forward.launch((cdiv(M, c.block_m),), (x, a, b, y, u, mask, M, K, N, R, rows_per_mask, float(scaling)), plan)
     return u
 
 
@@ -319,11 +325,11 @@ def lora_backward(dy, x, u, a, b, mask, rows_per_mask, scaling, dx=None, config=
     programs = cdiv(tiles, tiles_per_program)
     part = torch.empty((programs, R * K + N * R), device=dy.device, dtype=acc_dtype(dy.dtype))
     has_dx = dx is not None
-    meta = _launch_meta(c, R, dy.dtype, a.dtype, dy.dtype, b.dtype, torch.get_float32_matmul_precision(), has_dx)
+    plan = _prepared(c, R, dy.dtype, a.dtype, dy.dtype, b.dtype, torch.get_float32_matmul_precision(), has_dx)
     if not has_dx:
         dx = dy  # never read nor written (HAS_DX is off); any pointer will do
-    _backward((programs,), dy, x, u, a, b, dx, part, mask, M, K, N, R, rows_per_mask, tiles_per_program,
-              float(scaling), **meta)
+    _backward.launch((programs,), (dy, x, u, a, b, dx, part, mask, M, K, N, R, rows_per_mask, tiles_per_program,
+                                   float(scaling)), plan)
     total = part[0] if programs == 1 else part.sum(0)
     # dA and dB are its two halves (as_strided: one call each, half the host time of slice + view)
     return total.as_strided((R, K), (K, 1)), total.as_strided((N, R), (R, 1), total.storage_offset() + R * K)
