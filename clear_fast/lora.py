@@ -24,15 +24,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from clear_fast.kernels.utils import acc_dtype as _acc_dtype, check_backend, use_triton
+from clear_fast.kernels.utils import BACKENDS, acc_dtype as _acc_dtype, check_backend, use_triton
 
 __all__ = ["RoutedLoRALinear", "routed_lora_linear"]
 
 
+_KERNELS = []  # the kernels module, once imported
+
+
 def _kernels():
     # Imported on first use: the CPU path must work where Triton is not installed.
-    from clear_fast.kernels import routed_lora
-    return routed_lora
+    if not _KERNELS:
+        from clear_fast.kernels import routed_lora
+        _KERNELS.append(routed_lora)
+    return _KERNELS[0]
 
 
 # ------------------------------------------------------------ CPU path: gather the routed samples
@@ -156,22 +161,23 @@ _lora_backward = _eager_or_op(_backward_impl, _backward_op)
 # ------------------------------------------------------------ autograd
 class RoutedLoRAFunction(torch.autograd.Function):
     """Routed LoRA. x [..., in] (M rows); x_lora (dropout(x)) or None for x itself; mask [G] float
-    (row i uses mask[i // rows_per_mask]); half_dots: the Triton path multiplies the adapter in the
-    activations' half dtype (set under autocast). Use routed_lora_linear, which checks the inputs."""
+    (row i uses mask[i // rows_per_mask]); opts (scaling, rows_per_mask, backend, half_dots) in one
+    argument (each argument of apply costs host time); half_dots: the Triton path multiplies the
+    adapter in the activations' half dtype (set under autocast). Use routed_lora_linear, which
+    checks the inputs."""
 
     @staticmethod
-    def forward(ctx, x, x_lora, weight, bias, lora_A, lora_B, scaling, mask, rows_per_mask,
-                backend, half_dots):
+    def forward(ctx, x, x_lora, weight, bias, lora_A, lora_B, mask, opts):
         # The base is F.linear on x as given, the very call bypassed rows must equal bit for bit.
         out = F.linear(x, weight, bias)
         if not out.is_contiguous():  # the LoRA term is added in place through a 2-D view
             out = out.contiguous()
         xl = (x if x_lora is None else x_lora).reshape(-1, x.shape[-1])
-        u = _lora_forward_(out.view(-1, out.shape[-1]), xl, lora_A, lora_B, mask, rows_per_mask,
-                           scaling, backend, half_dots)
+        scaling, rows_per_mask, backend, half_dots = opts
+        u = _lora_forward_(out.view(-1, out.shape[-1]), xl, lora_A, lora_B, mask, rows_per_mask, scaling,
+                           backend, half_dots)
         ctx.save_for_backward(x, x_lora, weight, lora_A, lora_B, mask, u)
-        ctx.scaling, ctx.rows_per_mask, ctx.backend, ctx.half_dots = scaling, rows_per_mask, backend, half_dots
-        ctx.has_bias = bias is not None
+        ctx.opts, ctx.has_bias = opts, bias is not None
         return out
 
     @staticmethod
@@ -189,8 +195,9 @@ class RoutedLoRAFunction(torch.autograd.Function):
             dx_lora = torch.zeros_like(xl, memory_format=torch.contiguous_format)  # the kernel writes it as rows
         # The adapter's input gradient goes into dx, or into dx_lora when the adapter has its own
         # (dropout) input.
-        dA, dB = _lora_backward(dy, xl, u, lora_A, lora_B, mask, ctx.rows_per_mask, ctx.scaling,
-                                dx if x_lora is None else dx_lora, ctx.backend, ctx.half_dots)
+        scaling, rows_per_mask, backend, half_dots = ctx.opts
+        dA, dB = _lora_backward(dy, xl, u, lora_A, lora_B, mask, rows_per_mask, scaling,
+                                dx if x_lora is None else dx_lora, backend, half_dots)
         if dx is not None:
             dx = dx.view(shape)
         if dx_lora is not None:
@@ -199,9 +206,9 @@ class RoutedLoRAFunction(torch.autograd.Function):
             dW = dy.T @ x  # only when the user made the frozen weight trainable
         if need[3] and ctx.has_bias:
             db = dy.sum(0)
-        dA = dA.to(lora_A.dtype) if need[4] else None
-        dB = dB.to(lora_B.dtype) if need[5] else None
-        return dx, dx_lora, dW, db, dA, dB, None, None, None, None, None
+        dA = None if not need[4] else dA if dA.dtype == lora_A.dtype else dA.to(lora_A.dtype)
+        dB = None if not need[5] else dB if dB.dtype == lora_B.dtype else dB.to(lora_B.dtype)
+        return dx, dx_lora, dW, db, dA, dB, None, None
 
 
 # ------------------------------------------------------------ input checks
@@ -223,7 +230,48 @@ def _is_int(n):
 
 
 def _check(x, weight, bias, lora_A, lora_B, mask, x_lora, backend):
-    """Validate the inputs; returns (mask as a float [G] tensor, rows per mask entry)."""
+    """Validate the inputs; returns (mask as a float [G] tensor, rows per mask entry). The usual
+    call passes one quick test (on a GPU a layer call's checks are host time of a host-bound
+    step); any other goes through the checks one by one, which name what is wrong."""
+    if not _usual(x, weight, bias, lora_A, lora_B, mask, x_lora, backend):
+        _check_each(x, weight, bias, lora_A, lora_B, mask, x_lora, backend)
+    rows = math.prod(x.shape[:-1])
+    if mask is None:
+        return _all_routed(x.device), max(rows, 1)
+    n = mask.numel()
+    if mask.dim() != 1 or n not in (x.shape[0], rows):
+        raise ValueError(f"mask has shape {tuple(mask.shape)}; expected [{x.shape[0]}] (one value "
+                         f"per sample) or [{rows}] (one per row) for x of shape {tuple(x.shape)}")
+    m = mask.to(torch.float32).contiguous()  # the kernels index it as a flat array
+    # Checking the values costs a host sync: done in eager CPU calls on float masks only (a bool mask
+    # is 0/1 by its type), never on the GPU path nor while torch.compile traces (a graph break).
+    if mask.dtype != torch.bool and not m.is_cuda and not torch.compiler.is_compiling():
+        _check_mask_values(m)
+    return m, rows // n if n else 1
+
+
+def _usual(x, weight, bias, lora_A, lora_B, mask, x_lora, backend):
+    """Whether the inputs pass every check of _check_each (False may still pass them: then
+    _check_each finds nothing)."""
+    try:
+        dev, dt = x.device, x.dtype
+        out_f, in_f = weight.shape
+        r, k = lora_A.shape
+        return (x.is_floating_point() and x.dim() >= 2 and x.shape[-1] == in_f == k and r >= 1
+                and lora_B.shape == (out_f, r) and weight.dtype == dt and weight.device == dev
+                and lora_A.device == dev and lora_B.device == dev
+                and lora_A.is_floating_point() and lora_B.is_floating_point()
+                and (bias is None or (bias.shape == (out_f,) and bias.dtype == dt and bias.device == dev))
+                and (x_lora is None or (x_lora.shape == x.shape and x_lora.dtype == dt and x_lora.device == dev))
+                and (mask is None or (isinstance(mask, Tensor) and mask.device == dev
+                                      and (mask.dtype == torch.bool or mask.is_floating_point())))
+                and backend in BACKENDS)
+    except Exception:  # noqa: BLE001 - whatever it was, _check_each names it
+        return False
+
+
+def _check_each(x, weight, bias, lora_A, lora_B, mask, x_lora, backend):
+    """Every check, one by one, raising with what is wrong."""
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
@@ -264,20 +312,8 @@ def _check(x, weight, bias, lora_A, lora_B, mask, x_lora, backend):
         raise ValueError(f"x_lora must match x ({tuple(x.shape)}, {x.dtype}), "
                          f"got {tuple(x_lora.shape)}, {x_lora.dtype}")
     check_backend(backend)
-    rows = math.prod(x.shape[:-1])
-    if mask is None:
-        return _all_routed(x.device), max(rows, 1)
-    if mask.dtype != torch.bool and not mask.is_floating_point():
+    if mask is not None and mask.dtype != torch.bool and not mask.is_floating_point():
         raise TypeError(f"mask must be bool or floating point (0/1), got dtype {mask.dtype}")
-    if mask.dim() != 1 or mask.numel() not in (x.shape[0], rows):
-        raise ValueError(f"mask has shape {tuple(mask.shape)}; expected [{x.shape[0]}] (one value "
-                         f"per sample) or [{rows}] (one per row) for x of shape {tuple(x.shape)}")
-    m = mask.to(torch.float32).contiguous()  # the kernels index it as a flat array
-    # Checking the values costs a host sync: done in eager CPU calls on float masks only (a bool mask
-    # is 0/1 by its type), never on the GPU path nor while torch.compile traces (a graph break).
-    if mask.dtype != torch.bool and not m.is_cuda and not torch.compiler.is_compiling():
-        _check_mask_values(m)
-    return m, rows // mask.numel() if mask.numel() else 1
 
 
 def _check_mask_values(m):
@@ -295,6 +331,10 @@ def routed_lora_linear(x, weight, bias, lora_A, lora_B, scaling, mask=None, *, x
     under TRITON_INTERPRET=1, for tests).
     """
     autocast = isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type)
+    return _routed_lora_linear(x, weight, bias, lora_A, lora_B, scaling, mask, x_lora, backend, autocast)
+
+
+def _routed_lora_linear(x, weight, bias, lora_A, lora_B, scaling, mask, x_lora, backend, autocast):
     if autocast:
         # Under autocast the frozen linear runs in autocast's dtype, as F.linear would. The adapter
         # keeps its own dtype; on CUDA its products run in autocast's dtype too (fp32 accumulation),
@@ -307,8 +347,7 @@ def routed_lora_linear(x, weight, bias, lora_A, lora_B, scaling, mask=None, *, x
     mask_f, rows_per_mask = _check(x, weight, bias, lora_A, lora_B, mask, x_lora, backend)
     if x.numel() == 0:
         return F.linear(x, weight, bias)
-    args = (x, x_lora, weight, bias, lora_A, lora_B, float(scaling), mask_f, rows_per_mask, backend,
-            autocast)
+    args = (x, x_lora, weight, bias, lora_A, lora_B, mask_f, (float(scaling), rows_per_mask, backend, autocast))
     if not autocast:  # entering the context costs more than the rest of the host work of a call
         return RoutedLoRAFunction.apply(*args)
     with torch.autocast(x.device.type, enabled=False):
@@ -383,15 +422,19 @@ class RoutedLoRALinear(nn.Module):
     def forward(self, x, mask=None):
         if mask is None:
             mask = self.routing_mask
+        # the parameters from their dict, not through nn.Module.__getattr__: host time in every call
+        params = self._parameters
+        weight, bias = params["weight"], params["bias"]
         if self.merged:  # the merged linear: the inputs are checked all the same, the mask then ignored
-            _check(x, self.weight, self.bias, self.lora_A, self.lora_B, mask, None, "auto")
-            return F.linear(x, self.weight, self.bias)
-        dropout = self.training and isinstance(self.lora_dropout, nn.Dropout)
-        x_lora = self.lora_dropout(x) if dropout else None
-        weight, bias = self.weight, self.bias
-        if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
+            _check(x, weight, bias, params["lora_A"], params["lora_B"], mask, None, "auto")
+            return F.linear(x, weight, bias)
+        dropout = self._modules["lora_dropout"]
+        x_lora = dropout(x) if self.training and isinstance(dropout, nn.Dropout) else None
+        autocast = isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type)
+        if autocast:
             weight, bias = self._frozen_in(torch.get_autocast_dtype(x.device.type))
-        return routed_lora_linear(x, weight, bias, self.lora_A, self.lora_B, self.scaling, mask, x_lora=x_lora)
+        return _routed_lora_linear(x, weight, bias, params["lora_A"], params["lora_B"], self.scaling, mask,
+                                   x_lora, "auto", autocast)
 
     def _frozen_in(self, dtype):
         """The frozen weight and bias in autocast's dtype, cast once and reused while they stay

@@ -622,6 +622,48 @@ def test_error_dtype_mismatch_with_frozen_weight(layer):
         layer(torch.randn(2, 16, dtype=torch.float16))
 
 
+def _bad_inputs():
+    """(what, inputs) with one thing wrong each, from valid inputs of routed_lora_linear."""
+    ok = dict(x=torch.randn(2, 3, 8), weight=torch.randn(4, 8), bias=torch.randn(4), lora_A=torch.randn(2, 8),
+              lora_B=torch.randn(4, 2), mask=torch.ones(2), x_lora=None, backend="auto")
+    meta = lambda t: t.to("meta")  # noqa: E731 - a device other than x's
+    changes = [("x a list", "x", [[1.0] * 8]), ("x integer", "x", torch.ones(2, 8, dtype=torch.long)),
+               ("x 1-D", "x", torch.randn(8)), ("x other features", "x", torch.randn(2, 3, 7)),
+               ("weight 1-D", "weight", torch.randn(8)), ("weight 3-D", "weight", torch.randn(1, 4, 8)),
+               ("weight float64", "weight", torch.randn(4, 8, dtype=torch.float64)),
+               ("weight elsewhere", "weight", meta(torch.randn(4, 8))),
+               ("bias shape", "bias", torch.randn(5)), ("bias float64", "bias", torch.randn(4, dtype=torch.float64)),
+               ("bias elsewhere", "bias", meta(torch.randn(4))),
+               ("lora_A rank 0", "lora_A", torch.randn(0, 8)), ("lora_A features", "lora_A", torch.randn(2, 7)),
+               ("lora_A 3-D", "lora_A", torch.randn(1, 2, 8)), ("lora_A integer", "lora_A", torch.ones(2, 8, dtype=torch.long)),
+               ("lora_A elsewhere", "lora_A", meta(torch.randn(2, 8))),
+               ("lora_B shape", "lora_B", torch.randn(4, 3)), ("lora_B integer", "lora_B", torch.ones(4, 2, dtype=torch.long)),
+               ("lora_B elsewhere", "lora_B", meta(torch.randn(4, 2))),
+               ("x_lora shape", "x_lora", torch.randn(2, 8)), ("x_lora float64", "x_lora", torch.randn(2, 3, 8, dtype=torch.float64)),
+               ("x_lora elsewhere", "x_lora", meta(torch.randn(2, 3, 8))),
+               ("mask a list", "mask", [1.0, 1.0]), ("mask integer", "mask", torch.ones(2, dtype=torch.long)),
+               ("mask size", "mask", torch.ones(5)), ("mask 2-D", "mask", torch.ones(2, 3)),
+               ("mask elsewhere", "mask", meta(torch.ones(2))), ("backend", "backend", "cuda")]
+    return [(what, dict(ok, **{name: value})) for what, name, value in changes], ok
+
+
+@pytest.mark.parametrize("what", [w for w, _ in _bad_inputs()[0]])
+def test_quick_check_never_passes_what_the_full_checks_refuse(what):
+    """The layer's inputs pass one quick test in the usual case and the full checks otherwise: each
+    wrong input must fail the quick test (the mask's size is checked after it, always) and get an
+    error that names the wrong argument."""
+    cases, ok = _bad_inputs()
+    inputs = dict(cases)[what]
+    args = [inputs[k] for k in ("x", "weight", "bias", "lora_A", "lora_B", "mask", "x_lora", "backend")]
+    assert lora_module._usual(*args) is what.startswith(("mask size", "mask 2-D"))
+    with pytest.raises((TypeError, ValueError)) as e:
+        routed_lora_linear(inputs["x"], inputs["weight"], inputs["bias"], inputs["lora_A"], inputs["lora_B"], 1.0,
+                           inputs["mask"], x_lora=inputs["x_lora"], backend=inputs["backend"])
+    assert what.split()[0] in str(e.value)
+    assert lora_module._usual(*[ok[k] for k in ("x", "weight", "bias", "lora_A", "lora_B", "mask", "x_lora",
+                                                 "backend")]) is True
+
+
 def test_error_backend():
     x, W, A, B = torch.randn(2, 8), torch.randn(4, 8), torch.randn(2, 8), torch.randn(4, 2)
     with pytest.raises(ValueError, match="backend must be one of"):
