@@ -177,13 +177,14 @@ class Router:
 
     def set_masks(self, masks):
         # One float [L, B] copy per step: each layer's mask is a contiguous row that the routed layers
-        # use as it is (no cast per layer call).
-        if masks is not None:
-            masks = masks.T.to(torch.float32, memory_format=torch.contiguous_format)
-        for l, modules in enumerate(self.layers):
-            m = None if masks is None else masks[l]
+        # use as it is (no cast per layer call). Rows by one unbind, set as plain attributes: both
+        # cheaper on the host than an index and nn.Module.__setattr__ per layer (its checks only
+        # matter for parameters, buffers and submodules).
+        rows = [None] * len(self.layers) if masks is None else \
+            masks.T.to(torch.float32, memory_format=torch.contiguous_format).unbind(0)
+        for m, modules in zip(rows, self.layers):
             for module in modules:
-                module.routing_mask = m
+                object.__setattr__(module, "routing_mask", m)
 
     def modules(self):
         return [m for ms in self.layers for m in ms]
