@@ -9,7 +9,8 @@
 # (SWEEP_ARGS="--fractions 1.0") ~60 s. Next plan, two calls back to back (the second while the
 # machine is still warm): since the last GPU run the routed kernels lost their stride arguments and
 # every kernel launches through kernels/launch.py's Launcher (checked on the CPU against triton 3.9
-# and 3.6, never on a GPU), so the CUDA tests of all three kernels first:
+# and 3.6, never on a GPU; the routed layer's launches with prepared constexprs since stop 15, and its
+# input checks take a quick test first), so the CUDA tests of all three kernels first:
 #   STEPS="gpu_tests epoch_table epoch_bf16" GPU_TESTS="tests/test_lora_kernels.py tests/test_clear_loss.py tests/test_gmm_kernel.py" GPU_TESTS_ARGS="-k cuda" bash benchmarks/gpu_all.sh
 #   STEPS="host_overhead probe_bf16 epoch_compiled" bash benchmarks/gpu_all.sh
 # or a subset, e.g. STEPS="gpu_tests epoch_table" GPU_TESTS=tests/test_gmm_kernel.py (results also
