@@ -9,11 +9,12 @@ under its own key, which tells apart at least every case Triton's specialisation
 alignment, integer classes, the constexprs and options, the device, Triton's debug and
 instrumentation settings), and on a hit calls that kernel's launcher with the arguments Triton
 would pass it. A caller that launches with the same constexprs and options many times prepares them
-once (Launcher.prepare, then Launcher.launch): the routed layer's launches do (benchmarks/launcher_host_cost.py). tests/fast_launch_check.py checks both, kernel and arguments, against Triton's
-own path. Triton launches the first call of every case itself, and every call while a launch
-hook is set (profilers use them), or when the kernel's signature does not have the form this
-relies on (constexprs last, no pre-run hooks), or when an argument is of another kind than a
-tensor, an int or a float. CLEAR_FAST_DIRECT_LAUNCH=0 in the environment (read when a Launcher is
+once (Launcher.prepare, then Launcher.launch), as the routed layer's launchers do (timed by
+benchmarks/launcher_host_cost.py). tests/fast_launch_check.py checks both, kernel and arguments,
+against Triton's own path. Triton launches the first call of every case itself, and every call
+while a launch hook is set (profilers use them), or when the kernel's signature does not have the
+form this relies on (constexprs last, no pre-run hooks), or when an argument is of another kind
+than a tensor, an int or a float. CLEAR_FAST_DIRECT_LAUNCH=0 in the environment (read when a Launcher is
 made, i.e. at import) sends every launch through Triton.
 """
 import os
@@ -64,7 +65,7 @@ class Launcher:
     def prepare(self, **meta):
         """The constexprs and launch options `meta` made ready for launch(): a caller that launches
         with the same ones many times prepares them once (a routed layer's launches do)."""
-        return Prepared(meta, self._constexpr_names if self._direct else None)
+        return Prepared(meta, self._constexpr_names)
 
     def launch(self, grid, args, prepared):
         """kernel[grid](*args, **prepared.meta)."""
