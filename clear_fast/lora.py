@@ -159,6 +159,19 @@ _lora_backward = _eager_or_op(_backward_impl, _backward_op)
 
 
 # ------------------------------------------------------------ autograd
+def _routed_forward(x, x_lora, weight, bias, lora_A, lora_B, mask, opts):
+    """(y, U): the forward of RoutedLoRAFunction, and what its backward needs besides the inputs."""
+    # The base is F.linear on x as given, the very call bypassed rows must equal bit for bit.
+    out = F.linear(x, weight, bias)
+    if not out.is_contiguous():  # the LoRA term is added in place through a 2-D view
+        out = out.contiguous()
+    xl = (x if x_lora is None else x_lora).reshape(-1, x.shape[-1])
+    scaling, rows_per_mask, backend, half_dots = opts
+    u = _lora_forward_(out.view(-1, out.shape[-1]), xl, lora_A, lora_B, mask, rows_per_mask, scaling,
+                       backend, half_dots)
+    return out, u
+
+
 class RoutedLoRAFunction(torch.autograd.Function):
     """Routed LoRA. x [..., in] (M rows); x_lora (dropout(x)) or None for x itself; mask [G] float
     (row i uses mask[i // rows_per_mask]); opts (scaling, rows_per_mask, backend, half_dots) in one
@@ -168,14 +181,7 @@ class RoutedLoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, x_lora, weight, bias, lora_A, lora_B, mask, opts):
-        # The base is F.linear on x as given, the very call bypassed rows must equal bit for bit.
-        out = F.linear(x, weight, bias)
-        if not out.is_contiguous():  # the LoRA term is added in place through a 2-D view
-            out = out.contiguous()
-        xl = (x if x_lora is None else x_lora).reshape(-1, x.shape[-1])
-        scaling, rows_per_mask, backend, half_dots = opts
-        u = _lora_forward_(out.view(-1, out.shape[-1]), xl, lora_A, lora_B, mask, rows_per_mask, scaling,
-                           backend, half_dots)
+        out, u = _routed_forward(x, x_lora, weight, bias, lora_A, lora_B, mask, opts)
         ctx.save_for_backward(x, x_lora, weight, lora_A, lora_B, mask, u)
         ctx.opts, ctx.has_bias = opts, bias is not None
         return out
@@ -348,10 +354,17 @@ def _routed_lora_linear(x, weight, bias, lora_A, lora_B, scaling, mask, x_lora, 
     if x.numel() == 0:
         return F.linear(x, weight, bias)
     args = (x, x_lora, weight, bias, lora_A, lora_B, mask_f, (float(scaling), rows_per_mask, backend, autocast))
+    # Without autograd (evaluation, the clean-probability pass) the forward runs as it is: the
+    # autograd.Function's own host work would buy nothing there.
+    apply = RoutedLoRAFunction.apply if torch.is_grad_enabled() else _forward_only
     if not autocast:  # entering the context costs more than the rest of the host work of a call
-        return RoutedLoRAFunction.apply(*args)
+        return apply(*args)
     with torch.autocast(x.device.type, enabled=False):
-        return RoutedLoRAFunction.apply(*args)
+        return apply(*args)
+
+
+def _forward_only(*args):
+    return _routed_forward(*args)[0]
 
 
 # ------------------------------------------------------------ the module

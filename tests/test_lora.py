@@ -254,6 +254,21 @@ def _layer_with_adapter(seed=0, **kw):
     return layer
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_forward_without_autograd_equals_the_training_forward(backend):
+    """Without autograd the layer's forward skips its autograd.Function: the same output, bit for
+    bit, and no graph."""
+    layer = _layer_with_adapter()
+    x, m = torch.randn(3, 5, 16), torch.tensor([1.0, 0.0, 1.0])
+    args = (layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling, m)
+    y = routed_lora_linear(x, *args, backend=backend)
+    assert y.grad_fn is not None
+    for context in (torch.no_grad, torch.inference_mode):
+        with context():
+            y0 = routed_lora_linear(x, *args, backend=backend)
+        assert y0.grad_fn is None and torch.equal(y0, y.detach())
+
+
 def test_module_routing_mask_attribute_and_argument():
     layer = _layer_with_adapter()
     x = torch.randn(3, 5, 16)
