@@ -19,6 +19,9 @@ peft's LoRA and F.linear. Median of rounds, each the minimum per call over a loo
 interleaved. The model structure is that of MiniLM / BERT-base (layer counts), widths tiny.
 Parts: the same step of each variant cut into Run.train_step's parts (routing masks, forward,
 loss, backward, AdamW with zero_grad), each timed on its own, median over rounds x steps.
+Epoch loop: whole Run.train_epoch calls (batches of varying length built each step, routing masks,
+the loop's bookkeeping; clear-lora also with --clean-prob-source train-steps, which records each
+step's outputs), host ms per step, median over as many interleaved rounds.
 """
 import argparse
 import os
@@ -135,6 +138,37 @@ def step_parts_ms(model_name, rounds, steps=5):
     return {k: dict(zip(names, (statistics.median(col) for col in zip(*v)))) for k, v in times.items()}
 
 
+def epoch_loop_ms(model_name, rounds, n=320, length=16):
+    """{variant: host ms per step of Run.train_epoch}: whole training epochs (batches built from a
+    synthetic split of lengths <= `length`, masks drawn, per-sample outputs recorded for train-steps),
+    the variants interleaved, median over rounds after one untimed round. What the epoch loop adds to
+    the steps shows beside the step rows."""
+    et.MODELS[model_name + "-small"] = sl.MODELS[model_name]
+    base = et.base_classifier(model_name + "-small")
+    train = et.synthetic_split(n, length, seed=10)
+    device = torch.device("cpu")
+    cases = {}
+    for label, kind, source in (("clear-lora", "clear-lora", "pass"), ("clear-lora-train-steps", "clear-lora", "train-steps"),
+                                ("lora", "lora", "pass"), ("peft", "peft", "pass")):
+        model, router = et.build(kind, base, device)
+        run = et.make_run(kind, model, router, device, train, None, source)
+        for group in run.optimizer.param_groups:
+            group["fused"] = True  # what Run uses on CUDA
+        routed = kind == "clear-lora"
+        p = et.GAMMA * et.clean_flags(n, sl.NOISE, seed=3) if routed else None
+        teacher = torch.randn(n, et.NUM_LABELS, generator=torch.Generator().manual_seed(4)) if routed else None
+        cases[f"{label}@{et.GAMMA * (1 - sl.NOISE):.2f}" if routed else label] = (run, p, teacher)
+    steps = -(-n // et.BATCH)
+    times = {k: [] for k in cases}
+    for r in range(rounds + 1):
+        for k, (run, p, teacher) in cases.items():
+            t0 = time.perf_counter()
+            run.train_epoch(3, p, teacher)
+            if r:
+                times[k].append((time.perf_counter() - t0) * 1e3 / steps)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def layer_fns(width=32, rows=(32, 16)):
     """{variant: forward + backward of one layer call} at a tiny width."""
     from peft import LoraConfig, get_peft_model
@@ -177,6 +211,10 @@ def table(result):
     for name, steps in result["step_us"].items():
         lines += [f"| {name} | {k} | {v / 1e3:.2f} | {v / steps['lora']:.3f} | {v / steps['peft']:.3f} |"
                   for k, v in steps.items()]
+    for name, loop in result.get("epoch_loop_ms", {}).items():
+        lines += ["", f"{name}, Run.train_epoch (320 samples, lengths <= 16): host ms per step", "",
+                  "| variant | ms per step | / lora | / peft |", "|---|---:|---:|---:|"]
+        lines += [f"| {k} | {v:.2f} | {v / loop['lora']:.3f} | {v / loop['peft']:.3f} |" for k, v in loop.items()]
     for name, variants in result.get("step_parts_ms", {}).items():
         parts = list(next(iter(variants.values())))
         lines += ["", f"{name}, a step by part (ms, median)", "", "| variant | " + " | ".join(parts) + " |",
@@ -199,7 +237,8 @@ def main(argv=None):
               "layer_us": interleaved(layer_fns(), args.rounds, calls=200),
               "batch_us": interleaved(batch_fn(), args.rounds, calls=200),
               "step_us": {name: interleaved(step_fns(name), args.rounds, calls=5) for name in args.models},
-              "step_parts_ms": {name: step_parts_ms(name, args.rounds) for name in args.models}}
+              "step_parts_ms": {name: step_parts_ms(name, args.rounds) for name in args.models},
+              "epoch_loop_ms": {name: epoch_loop_ms(name, args.rounds) for name in args.models}}
     md = table(result)
     save_json_and_md(args.out, "step_host_cost", result, md)
     print(md)
