@@ -40,6 +40,7 @@ class Launcher:
         # the compiled kernel is held so that its module stays loaded (Triton unloads it on deletion)
         self._compiled = {}
         self._prepared = {}  # meta.items() -> Prepared, for calls with meta
+        self._key_fns = {}  # argument types -> their key function (_key_function), False if none
         params = getattr(kernel, "params", None)
         self._direct = False
         self._constexpr_names = None
@@ -85,24 +86,44 @@ class Launcher:
     def _key(self, args, prepared):
         """A tuple that differs whenever Triton's specialisation of these arguments could, or None
         (an argument this does not classify, a count that does not match the signature, a constexpr
-        left to its default)."""
-        if len(args) != len(self._specialised) or prepared.constexprs is None:
+        left to its default). Its first item is the device."""
+        if prepared.constexprs is None:
             return None
-        # what Triton adds to a launch's options from its settings, as of 3.9
-        key = [driver.active.get_current_device(), knobs.runtime.debug, knobs.compilation.instrumentation_mode,
-               getattr(knobs.compilation, "fpsan_homomorphic_casts", None), prepared]
-        for a, specialised in zip(args, self._specialised):
-            cls = a.__class__
-            if cls is int:  # bool is not int here: Triton types it u1, left to Triton
-                width = 0 if -_I32 <= a < _I32 else 1 if -_I64 <= a < _I64 else 2
-                key.append((width, a == 1, a % 16 == 0) if specialised else width)
-            elif cls is float:
-                key.append(float)
-            elif isinstance(a, torch.Tensor):
-                key.append((a.dtype, a.data_ptr() % 16 == 0))
-            else:
-                return None
-        return tuple(key)
+        types = tuple(map(type, args))
+        key_of = self._key_fns.get(types)
+        if key_of is None:
+            key_of = self._key_fns[types] = _key_function(types, self._specialised)
+        return key_of(args, prepared, types) if key_of else None
+
+
+def _key_function(types, specialised):
+    """The key of arguments of these types (exactly), as a function written out for them: a loop
+    over the arguments that tests each one's type took most of a launch's host time. False when an
+    argument's type is not classified (bool is not int here: Triton types it u1) or the count does
+    not match the signature. What it keys on, per argument: a tensor's dtype and whether its address
+    is a multiple of 16; an integer's width class (32, 64 bits or wider) and, unless the parameter is
+    do_not_specialize, whether it is 1 and whether it is a multiple of 16; nothing of a float."""
+    if len(types) != len(specialised):
+        return False
+    parts = []
+    for i, (t, spec) in enumerate(zip(types, specialised)):
+        a = f"args[{i}]"
+        if t is int:
+            width = f"(0 if {-_I32} <= {a} < {_I32} else 1 if {-_I64} <= {a} < {_I64} else 2)"
+            parts.append(f"({width}, {a} == 1, {a} % 16 == 0)" if spec else width)
+        elif issubclass(t, torch.Tensor):
+            parts.append(f"{a}.dtype, {a}.data_ptr() % 16 == 0")
+        elif t is not float:
+            return False
+    # what Triton adds to a launch's options from its settings, as of 3.9 (fpsan: 3.9 only)
+    fpsan = ("knobs.compilation.fpsan_homomorphic_casts" if hasattr(knobs.compilation, "fpsan_homomorphic_casts")
+             else "None")
+    source = ("def key(args, prepared, types):\n"
+              "    return (driver.active.get_current_device(), types, prepared, knobs.runtime.debug, "
+              f"knobs.compilation.instrumentation_mode, {fpsan}, {', '.join(parts)})\n")
+    namespace = {"driver": driver, "knobs": knobs}
+    exec(source, namespace)  # noqa: S102 - source built above from types alone, as Triton builds its binders
+    return namespace["key"]
 
 
 class Prepared:
