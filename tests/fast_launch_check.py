@@ -87,7 +87,9 @@ def probe_cases():
     """(what, args, meta): a base case and one change at a time, across Triton's specialisations."""
     buf32, buf16, out = torch.zeros(4096), torch.zeros(4096, dtype=torch.float16), torch.zeros(4096)
     base = dict(x=buf32[:100], n=16, m=3, s=0.5, meta={"BLOCK": 32, "FLAG": True})
-    changes = ([("x", v) for v in (buf32[1:100], buf32[4:100], buf32[3:100], buf16[:100], buf16[8:100], buf16[1:100])]
+    param = torch.nn.Parameter(torch.zeros(100))  # a tensor subclass (the layer's adapters are Parameters)
+    changes = ([("x", v) for v in (buf32[1:100], buf32[4:100], buf32[3:100], buf16[:100], buf16[8:100], buf16[1:100],
+                                   param)]
                + [("n", v) for v in (17, 1, 32, 0, -16, 1 << 31, (1 << 31) + 16, 1 << 33, 1 << 63)]
                + [("m", v) for v in (1, 16, 1 << 31, 1 << 40, 1 << 63)]
                + [("s", v) for v in (0.25, 1, 2)]
