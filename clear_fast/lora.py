@@ -344,8 +344,8 @@ def _routed_lora_linear(x, weight, bias, lora_A, lora_B, scaling, mask, x_lora, 
     if autocast:
         # Under autocast the frozen linear runs in autocast's dtype, as F.linear would. The adapter
         # keeps its own dtype; on CUDA its products run in autocast's dtype too (fp32 accumulation),
-        # as peft's LoRA's would under autocast; the CPU path keeps them in the adapter's dtype.
-        # Inside, autocast is off.
+        # as peft's LoRA's would under autocast; the CPU path keeps them in the adapter's dtype
+        # (inside it, autocast is off).
         dt = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dt), weight.to(dt)
         bias = None if bias is None else bias.to(dt)
@@ -357,7 +357,9 @@ def _routed_lora_linear(x, weight, bias, lora_A, lora_B, scaling, mask, x_lora, 
     # Without autograd (evaluation, the clean-probability pass) the forward runs as it is: the
     # autograd.Function's own host work would buy nothing there.
     apply = RoutedLoRAFunction.apply if torch.is_grad_enabled() else _forward_only
-    if not autocast:  # entering the context costs more than the rest of the host work of a call
+    # Inside, autocast would change nothing on the Triton path (F.linear's inputs are in autocast's
+    # dtype already, the kernels are not autocast ops): the context (host time) only for the torch path.
+    if not autocast or use_triton(x, backend):
         return apply(*args)
     with torch.autocast(x.device.type, enabled=False):
         return apply(*args)

@@ -118,6 +118,27 @@ def test_autocast_matches_the_dense_reference_under_autocast():
     check_autocast("cpu")
 
 
+def test_triton_path_under_autocast_needs_no_context_of_its_own():
+    """Under autocast the Triton path runs without switching autocast off inside (host time per call):
+    the same outputs and gradients, bit for bit, as with autocast switched off around it."""
+    p, gen = make_problem((4, 40, 64), 48, 8)
+    mask = make_mask("sample", 4, 0, gen)
+
+    def routed(x, w, b, A, B, scaling, m):
+        return lora_module._routed_lora_linear(x, w, b, A, B, scaling, m, None, "triton", True)
+
+    def routed_with_autocast_off(*args):
+        with torch.autocast("cpu", enabled=False):
+            return routed(*args)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = run(routed, p, mask, torch.float32, torch.float32)
+        want = run(routed_with_autocast_off, p, mask, torch.float32, torch.float32)
+    assert got[0].dtype == torch.bfloat16
+    for name, g, w in zip(NAMES, got, want):
+        assert torch.equal(g, w), name
+
+
 def check_bypassed_do_not_touch_adapter_grads(backend, dtype=torch.float32):
     """Perturbing a bypassed sample's input leaves the adapter gradients bit-identical."""
     p, _ = make_problem((4, 70, 40), 24, 4)
