@@ -14,8 +14,10 @@ thread (once per step). Kernel outputs are left unwritten, so the numbers comput
 only the time is read.
 
 Rows: building one batch (Tokenized.batch, every step's host work before its forward); per step,
-by variant (epoch_table.py's variants, routed fraction 0.68 for clear-lora); per layer call, forward + backward of the routed layer (all routed; clear-lora's masks) against
-peft's LoRA and F.linear. Median of rounds, each the minimum per call over a loop, the variants
+by variant (epoch_table.py's variants, routed fraction 0.68 for clear-lora), also under bf16 autocast
+(--bf16: the aten ops then run in bf16 on the CPU, the kernels are compiled for bf16); per layer
+call, forward + backward of the routed layer (all routed; clear-lora's masks) against peft's LoRA
+and F.linear. Median of rounds, each the minimum per call over a loop, the variants
 interleaved. The model structure is that of MiniLM / BERT-base (layer counts), widths tiny.
 Parts: the same step of each variant cut into Run.train_step's parts (routing masks, forward,
 loss, backward, AdamW with zero_grad), each timed on its own, median over rounds x steps.
@@ -74,9 +76,10 @@ def interleaved(fns, rounds, calls):
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def step_cases(model_name, kinds):
+def step_cases(model_name, kinds, bf16=False):
     """(batch of 32 x 16 tokens, {variant label: (run, routing probabilities, teacher)}): a Run per
-    variant around a copy of one small model, AdamW fused as Run makes it on CUDA."""
+    variant around a copy of one small model, AdamW fused as Run makes it on CUDA; bf16: under bf16
+    autocast, as --bf16 runs."""
     et.MODELS[model_name + "-small"] = sl.MODELS[model_name]
     base = et.base_classifier(model_name + "-small")
     g = torch.Generator().manual_seed(1)
@@ -87,7 +90,7 @@ def step_cases(model_name, kinds):
     cases = {}
     for kind in kinds:
         model, router = et.build(kind, base, torch.device("cpu"))
-        run = et.make_run(kind, model, router, torch.device("cpu"))
+        run = et.make_run(kind, model, router, torch.device("cpu"), bf16=bf16)
         for group in run.optimizer.param_groups:
             group["fused"] = True  # what Run uses on CUDA
         routed = kind in ("clear-lora", "reference")
@@ -97,9 +100,9 @@ def step_cases(model_name, kinds):
     return batch, cases
 
 
-def step_fns(model_name):
+def step_fns(model_name, bf16=False):
     """{variant: a training step as epoch_table.step_fn takes it}."""
-    batch, cases = step_cases(model_name, et.VARIANTS)
+    batch, cases = step_cases(model_name, et.VARIANTS, bf16)
     return {label: et.step_fn(run, batch, p, t) for label, (run, p, t) in cases.items()}
 
 
@@ -208,9 +211,10 @@ def table(result):
     lines += [f"| layer fwd+bwd | {k} | {v:.1f} | {v / layer['F.linear']:.2f} |" for k, v in layer.items()]
     lines += [f"| batch of 32, length <= 128 | {k} | {v:.1f} | - |" for k, v in result["batch_us"].items()]
     lines += ["", "| model | variant | host ms per step | / lora | / peft |", "|---|---|---:|---:|---:|"]
-    for name, steps in result["step_us"].items():
-        lines += [f"| {name} | {k} | {v / 1e3:.2f} | {v / steps['lora']:.3f} | {v / steps['peft']:.3f} |"
-                  for k, v in steps.items()]
+    for suffix, key in (("", "step_us"), (", bf16 autocast", "step_us_bf16")):
+        for name, steps in result.get(key, {}).items():
+            lines += [f"| {name}{suffix} | {k} | {v / 1e3:.2f} | {v / steps['lora']:.3f} | {v / steps['peft']:.3f} |"
+                      for k, v in steps.items()]
     for name, loop in result.get("epoch_loop_ms", {}).items():
         lines += ["", f"{name}, Run.train_epoch (320 samples, lengths <= 16): host ms per step", "",
                   "| variant | ms per step | / lora | / peft |", "|---|---:|---:|---:|"]
@@ -237,6 +241,8 @@ def main(argv=None):
               "layer_us": interleaved(layer_fns(), args.rounds, calls=200),
               "batch_us": interleaved(batch_fn(), args.rounds, calls=200),
               "step_us": {name: interleaved(step_fns(name), args.rounds, calls=5) for name in args.models},
+              "step_us_bf16": {name: interleaved(step_fns(name, bf16=True), args.rounds, calls=5)
+                               for name in args.models},
               "step_parts_ms": {name: step_parts_ms(name, args.rounds) for name in args.models},
               "epoch_loop_ms": {name: epoch_loop_ms(name, args.rounds) for name in args.models}}
     md = table(result)
