@@ -15,9 +15,12 @@ routed fractions gamma x (1 - noise rate) for noise 0.2 and 0.4 (gamma 0.85). Va
 Sections:
   step    one training step as Run.train_epoch takes it (Run.train_step: masks, forward, loss,
           backward, AdamW; then the loop's loss sum and routed count; train mode set once), the
-          variants interleaved in every repeat, median; CUDA events on a GPU. Step results committed
-          before 997efa9 set train mode in every step (a module walk, 0.5-0.9 ms of host time on
-          this CPU, the most in peft's model): their step ratios lean toward 1.
+          variants interleaved in every repeat, each timed step right after an untimed one of the
+          same variant, median; CUDA events on a GPU. Step results committed before 997efa9 set
+          train mode in every step (a module walk, 0.5-0.9 ms of host time on this CPU, the most in
+          peft's model): their step ratios lean toward 1. Results committed before the untimed step
+          was added timed each step right after another variant's, on cold caches: the variant that
+          followed the reference (clear-lora at the larger routed fraction) paid the most.
   memory  on a GPU the peak allocated bytes of a step (torch.cuda.max_memory_allocated); on the
           CPU, where no allocator reports a peak, an account of what a step holds at its peak:
           parameters + optimizer state + gradients + the activations autograd saves for backward
@@ -193,10 +196,15 @@ def step_cases(base, device, seq, bf16, compile_mode=None):
 
 
 def time_steps(cases, device, repeats, warmup=2):
-    """Median seconds per case, the cases interleaved in every repeat (a busy machine slows all)."""
+    """Median seconds per case, the cases interleaved in every repeat (a busy machine slows all).
+    Each timed step comes right after an untimed step of the same case, as in training, where a
+    step follows a step of the same model: the first step after another model's runs on cold
+    caches (on the stand-in of step_host_cost.py, timing it cost the case that followed the
+    reference ~0.02 of its ratio)."""
     times = {k: [] for k in cases}
     for rep in range(warmup + repeats):
         for label, (_, fn) in cases.items():
+            fn()
             t = timed(fn, device)
             if rep >= warmup:
                 times[label].append(t)

@@ -17,8 +17,8 @@ Rows: building one batch (Tokenized.batch, every step's host work before its for
 by variant (epoch_table.py's variants, routed fraction 0.68 for clear-lora), also under bf16 autocast
 (--bf16: the aten ops then run in bf16 on the CPU, the kernels are compiled for bf16); per layer
 call, forward + backward of the routed layer (all routed; clear-lora's masks) against peft's LoRA
-and F.linear. Median of rounds, each the minimum per call over a loop, the variants
-interleaved. The model structure is that of MiniLM / BERT-base (layer counts), widths tiny.
+and F.linear. Median of rounds, each the mean per call over a loop that follows an untimed call
+(the first call after another variant's runs on cold caches), the variants interleaved. The model structure is that of MiniLM / BERT-base (layer counts), widths tiny.
 Parts: the same step of each variant cut into Run.train_step's parts (routing masks, forward,
 loss, backward, AdamW with zero_grad), each timed on its own, median over rounds x steps.
 Epoch loop: whole Run.train_epoch calls (batches of varying length built each step, routing masks,
@@ -65,13 +65,12 @@ def per_call_us(fn, calls):
 
 
 def interleaved(fns, rounds, calls):
-    """{label: median over rounds of us per call}, every label once per round."""
-    for fn in fns.values():
-        fn()
-        fn()
+    """{label: median over rounds of us per call}, every label once per round, its timed calls right
+    after an untimed one (the first call after another label's runs on cold caches)."""
     times = {k: [] for k in fns}
     for _ in range(rounds):
         for k, fn in fns.items():
+            fn()
             times[k].append(per_call_us(fn, calls))
     return {k: statistics.median(v) for k, v in times.items()}
 
