@@ -4,7 +4,9 @@
 # steps. Measured on an H100 (2026-11-26, ~30 s to start a machine per call): gpu_tests with
 # GPU_TESTS="tests/test_lora_kernels.py tests/test_clear_loss.py" GPU_TESTS_ARGS="-k cuda" 48 s of
 # tests, host_overhead ~30 s, epoch_table ~200 s, epoch_bf16 ~100 s (those four: 380 s in one call;
-# epoch_table's epochs now run three interleaved rounds instead of two back-to-back: expect ~+50 s),
+# since then epoch_table's epochs run three interleaved rounds instead of two back-to-back and every
+# timed step follows an untimed one: expect epoch_table ~300 s, epoch_bf16 ~160 s, so gpu_tests +
+# epoch_table + epoch_bf16 fill one call),
 # lora_table + mixture_table ~130 s, probe_bf16 ~50 s; on an H200 kernel_sweep
 # (SWEEP_ARGS="--fractions 1.0") ~60 s. Next plan, two calls back to back (the second while the
 # machine is still warm): since the last GPU run the routed kernels lost their stride arguments and
@@ -60,9 +62,9 @@ step lora_table 90 $PY benchmarks/lora_table.py
 # 5 repeats of 10 rows took over 60 s on an H200 (0.9 s of pauses per repeat)
 step mixture_table 100 $PY benchmarks/mixture_table.py --repeats 5 --sklearn-max-n 100000
 # 1280 samples (40 steps): at 640, epochs of 0.4-2 s scattered +-40 % on an H200 (launch-bound)
-step epoch_table 300 $PY benchmarks/epoch_table.py --models minilm bert-base --lengths 64 128 --epoch-samples 1280
+step epoch_table 360 $PY benchmarks/epoch_table.py --models minilm bert-base --lengths 64 128 --epoch-samples 1280
 # the same under bf16 autocast (--bf16 on the CLI), at length 128; writes epoch_<device>_bf16.*
-step epoch_bf16 180 $PY benchmarks/epoch_table.py --models minilm bert-base --lengths 128 --epoch-samples 1280 --bf16
+step epoch_bf16 220 $PY benchmarks/epoch_table.py --models minilm bert-base --lengths 128 --epoch-samples 1280 --bf16
 # where the bf16 clean-probability pass spends its time (torch.profiler; Triton recompiles)
 step probe_bf16 120 $PY benchmarks/probe_bf16_pass.py
 # steps of compiled models (CUDA graphs): what a host-bound step costs without the host launching
