@@ -437,19 +437,26 @@ class RoutedLoRALinear(nn.Module):
     def forward(self, x, mask=None):
         if mask is None:
             mask = self.routing_mask
-        # the parameters from their dict, not through nn.Module.__getattr__: host time in every call
-        params = self._parameters
-        weight, bias = params["weight"], params["bias"]
+        weight, bias, lora_A, lora_B = self._tensors()
         if self.merged:  # the merged linear: the inputs are checked all the same, the mask then ignored
-            _check(x, weight, bias, params["lora_A"], params["lora_B"], mask, None, "auto")
+            _check(x, weight, bias, lora_A, lora_B, mask, None, "auto")
             return F.linear(x, weight, bias)
         dropout = self._modules["lora_dropout"]
         x_lora = dropout(x) if self.training and isinstance(dropout, nn.Dropout) else None
         autocast = isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type)
         if autocast:
             weight, bias = self._frozen_in(torch.get_autocast_dtype(x.device.type))
-        return _routed_lora_linear(x, weight, bias, params["lora_A"], params["lora_B"], self.scaling, mask,
-                                   x_lora, "auto", autocast)
+        return _routed_lora_linear(x, weight, bias, lora_A, lora_B, self.scaling, mask, x_lora, "auto", autocast)
+
+    def _tensors(self):
+        """(weight, bias, lora_A, lora_B): from the parameter dict, not through nn.Module.__getattr__
+        (host time in every call), unless one was taken out of it (torch.nn.utils.parametrize,
+        DataParallel's replicas, FSDP1, a plain tensor set in its place): then as attributes."""
+        params = self._parameters
+        try:
+            return params["weight"], params["bias"], params["lora_A"], params["lora_B"]
+        except KeyError:
+            return self.weight, self.bias, self.lora_A, self.lora_B
 
     def _frozen_in(self, dtype):
         """The frozen weight and bias in autocast's dtype, cast once and reused while they stay

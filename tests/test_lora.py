@@ -290,6 +290,43 @@ def test_forward_without_autograd_equals_the_training_forward(backend):
         assert y0.grad_fn is None and torch.equal(y0, y.detach())
 
 
+def test_parameters_taken_out_of_the_parameter_dict_still_serve():
+    """The layer reads its parameters from its parameter dict (host time); where one was taken out of
+    it - a parametrization, a plain tensor set in its place - it reads the attribute."""
+    from torch.nn.utils import parametrize
+
+    class Double(nn.Module):
+        def forward(self, a):
+            return 2 * a
+
+    layer = _layer_with_adapter()
+    x, m = torch.randn(3, 5, 16), torch.tensor([1.0, 0.0, 1.0])
+    want = routed_lora_reference_dense(x, layer.weight, layer.bias, 2 * layer.lora_A, layer.lora_B,
+                                       layer.scaling, m)
+    parametrize.register_parametrization(layer, "lora_A", Double())
+    torch.testing.assert_close(layer(x, m), want)
+    plain = _layer_with_adapter()
+    weight = plain.weight.detach().clone()
+    del plain.weight
+    plain.weight = weight  # a plain tensor attribute, as DataParallel's replicas hold them
+    want = routed_lora_reference_dense(x, weight, plain.bias, plain.lora_A, plain.lora_B, plain.scaling, m)
+    torch.testing.assert_close(plain(x, m), want)
+
+
+def test_router_refuses_masks_of_another_layer_count():
+    from clear_fast.model import Router
+
+    layers = [[_layer_with_adapter()] for _ in range(3)]
+    router = Router(layers, ["a", "b", "c"])
+    router.set_masks(torch.ones(4, 3, dtype=torch.bool))
+    assert all(torch.equal(m[0].routing_mask, torch.ones(4)) for m in layers)
+    for bad in (torch.zeros(4, 2, dtype=torch.bool), torch.zeros(4, dtype=torch.bool)):
+        with pytest.raises(ValueError, match=r"routing masks must be \[batch, 3\]"):
+            router.set_masks(bad)
+    router.set_masks(None)
+    assert all(m[0].routing_mask is None for m in layers)
+
+
 def test_module_routing_mask_attribute_and_argument():
     layer = _layer_with_adapter()
     x = torch.randn(3, 5, 16)
