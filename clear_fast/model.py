@@ -180,6 +180,9 @@ class Router:
         # use as it is (no cast per layer call). Rows by one unbind, set as plain attributes: both
         # cheaper on the host than an index and nn.Module.__setattr__ per layer (its checks only
         # matter for parameters, buffers and submodules).
+        if masks is not None and (masks.dim() != 2 or masks.shape[1] != len(self.layers)):
+            raise ValueError(f"routing masks must be [batch, {len(self.layers)}] (one column per routed "
+                             f"layer), got {tuple(masks.shape)}")
         rows = [None] * len(self.layers) if masks is None else \
             masks.T.to(torch.float32, memory_format=torch.contiguous_format).unbind(0)
         for m, modules in zip(rows, self.layers):
