@@ -39,7 +39,7 @@ class Launcher:
         # key -> (compiled kernel, its launch function, CUfunction, packed metadata);
         # the compiled kernel is held so that its module stays loaded (Triton unloads it on deletion)
         self._compiled = {}
-        self._prepared = {}  # meta.items() -> Prepared, for calls with meta
+        self._prepared = {}  # _items(meta) -> Prepared, for calls with meta
         self._key_fns = {}  # argument types -> their key function (_key_function), False if none
         params = getattr(kernel, "params", None)
         self._direct = False
@@ -57,7 +57,7 @@ class Launcher:
         self._direct = True
 
     def __call__(self, grid, *args, **meta):
-        items = tuple(meta.items())
+        items = _items(meta)
         prepared = self._prepared.get(items)
         if prepared is None:
             prepared = self._prepared[items] = self.prepare(**meta)
@@ -137,7 +137,7 @@ class Prepared:
         self.meta = meta
         self.constexprs = (None if constexpr_names is None or any(n not in meta for n in constexpr_names)
                            else tuple(meta[n] for n in constexpr_names))
-        self._items = tuple(meta.items())
+        self._items = _items(meta)
         self._hash = hash(self._items)
 
     def __hash__(self):
@@ -145,6 +145,11 @@ class Prepared:
 
     def __eq__(self, other):
         return self is other or (isinstance(other, Prepared) and self._items == other._items)
+
+
+def _items(meta):
+    """meta's items with each value's type: 1, 1.0 and True are equal keys, not the same constexpr."""
+    return tuple(meta.items()) + tuple(map(type, meta.values()))
 
 
 def _hooked():

@@ -94,7 +94,8 @@ def probe_cases():
                + [("m", v) for v in (1, 16, 1 << 31, 1 << 40, 1 << 63)]
                + [("s", v) for v in (0.25, 1, 2)]
                + [("meta", v) for v in ({"BLOCK": 64, "FLAG": True}, {"BLOCK": 32, "FLAG": False},
-                                        {"BLOCK": 32, "FLAG": True, "num_warps": 2})])
+                                        {"BLOCK": 32, "FLAG": True, "num_warps": 2},
+                                        {"BLOCK": 32, "FLAG": 1})])  # equal to True, another constexpr
     for name, value in [(None, None)] + changes:
         c = dict(base, **({} if name is None else {name: value}))
         x = c["x"]
