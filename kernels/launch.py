@@ -39,7 +39,7 @@ class Launcher:
         # key -> (compiled kernel, its launch function, CUfunction, packed metadata);
         # the compiled kernel is held so that its module stays loaded (Triton unloads it on deletion)
         self._compiled = {}
-        self._prepared = {}  # _items(meta) -> Prepared, for calls with meta
+        self._prepared_by_meta = {}  # _items(meta) -> Prepared, for calls with meta
         self._key_fns = {}  # argument types -> their key function (_key_function), False if none
         params = getattr(kernel, "params", None)
         self._direct = False
@@ -58,9 +58,9 @@ class Launcher:
 
     def __call__(self, grid, *args, **meta):
         items = _items(meta)
-        prepared = self._prepared.get(items)
+        prepared = self._prepared_by_meta.get(items)
         if prepared is None:
-            prepared = self._prepared[items] = self.prepare(**meta)
+            prepared = self._prepared_by_meta[items] = self.prepare(**meta)
         self.launch(grid, args, prepared)
 
     def prepare(self, **meta):
