@@ -75,12 +75,29 @@ def interleaved(fns, rounds, calls):
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def small_base(model_name):
+    """A random classifier with the layer counts of `model_name` and tiny widths."""
+    et.MODELS[model_name + "-small"] = sl.MODELS[model_name]
+    return et.base_classifier(model_name + "-small")
+
+
+def cpu_run(kind, base, **make_run_args):
+    """A Run of variant `kind` around a copy of base on the CPU, AdamW fused as Run makes it on CUDA."""
+    model, router = et.build(kind, base, torch.device("cpu"))
+    run = et.make_run(kind, model, router, torch.device("cpu"), **make_run_args)
+    for group in run.optimizer.param_groups:
+        group["fused"] = True
+    return run
+
+
+def routed_label(kind):
+    return f"{kind}@{et.GAMMA * (1 - sl.NOISE):.2f}"
+
+
 def step_cases(model_name, kinds, bf16=False):
     """(batch of 32 x 16 tokens, {variant label: (run, routing probabilities, teacher)}): a Run per
-    variant around a copy of one small model, AdamW fused as Run makes it on CUDA; bf16: under bf16
-    autocast, as --bf16 runs."""
-    et.MODELS[model_name + "-small"] = sl.MODELS[model_name]
-    base = et.base_classifier(model_name + "-small")
+    variant around a copy of one small model; bf16: under bf16 autocast, as --bf16 runs."""
+    base = small_base(model_name)
     g = torch.Generator().manual_seed(1)
     batch = {"input_ids": torch.randint(1000, et.VOCAB, (et.BATCH, sl.SEQ), generator=g),
              "attention_mask": torch.ones(et.BATCH, sl.SEQ, dtype=torch.long),
@@ -88,14 +105,10 @@ def step_cases(model_name, kinds, bf16=False):
     teacher = torch.randn(et.BATCH, et.NUM_LABELS, generator=g)
     cases = {}
     for kind in kinds:
-        model, router = et.build(kind, base, torch.device("cpu"))
-        run = et.make_run(kind, model, router, torch.device("cpu"), bf16=bf16)
-        for group in run.optimizer.param_groups:
-            group["fused"] = True  # what Run uses on CUDA
+        run = cpu_run(kind, base, bf16=bf16)
         routed = kind in ("clear-lora", "reference")
         p = et.GAMMA * et.clean_flags(et.BATCH, sl.NOISE, seed=2) if routed else None
-        label = f"{kind}@{et.GAMMA * (1 - sl.NOISE):.2f}" if routed else kind
-        cases[label] = (run, p, teacher if routed else None)
+        cases[routed_label(kind) if routed else kind] = (run, p, teacher if routed else None)
     return batch, cases
 
 
@@ -145,21 +158,16 @@ def epoch_loop_ms(model_name, rounds, n=320, length=16):
     synthetic split of lengths <= `length`, masks drawn, per-sample outputs recorded for train-steps),
     the variants interleaved, median over rounds after one untimed round. What the epoch loop adds to
     the steps shows beside the step rows."""
-    et.MODELS[model_name + "-small"] = sl.MODELS[model_name]
-    base = et.base_classifier(model_name + "-small")
+    base = small_base(model_name)
     train = et.synthetic_split(n, length, seed=10)
-    device = torch.device("cpu")
     cases = {}
     for label, kind, source in (("clear-lora", "clear-lora", "pass"), ("clear-lora-train-steps", "clear-lora", "train-steps"),
                                 ("lora", "lora", "pass"), ("peft", "peft", "pass")):
-        model, router = et.build(kind, base, device)
-        run = et.make_run(kind, model, router, device, train, None, source)
-        for group in run.optimizer.param_groups:
-            group["fused"] = True  # what Run uses on CUDA
+        run = cpu_run(kind, base, train=train, source=source)
         routed = kind == "clear-lora"
         p = et.GAMMA * et.clean_flags(n, sl.NOISE, seed=3) if routed else None
         teacher = torch.randn(n, et.NUM_LABELS, generator=torch.Generator().manual_seed(4)) if routed else None
-        cases[f"{label}@{et.GAMMA * (1 - sl.NOISE):.2f}" if routed else label] = (run, p, teacher)
+        cases[routed_label(label) if routed else label] = (run, p, teacher)
     steps = -(-n // et.BATCH)
     times = {k: [] for k in cases}
     for r in range(rounds + 1):
