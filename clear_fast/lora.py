@@ -16,6 +16,7 @@ Each half is a torch custom op (torch.library.custom_op with a fake implementati
 torch.compile can trace a model that uses the layer; one torch.autograd.Function composes them with
 the base product (cuBLAS / MKL) into the forward and backward.
 """
+import functools
 import math
 from typing import Optional
 
@@ -29,15 +30,11 @@ from clear_fast.kernels.utils import BACKENDS, acc_dtype as _acc_dtype, check_ba
 __all__ = ["RoutedLoRALinear", "routed_lora_linear"]
 
 
-_KERNELS = []  # the kernels module, once imported
-
-
+@functools.lru_cache(maxsize=None)  # an import statement per call costs host time in every layer call
 def _kernels():
     # Imported on first use: the CPU path must work where Triton is not installed.
-    if not _KERNELS:
-        from clear_fast.kernels import routed_lora
-        _KERNELS.append(routed_lora)
-    return _KERNELS[0]
+    from clear_fast.kernels import routed_lora
+    return routed_lora
 
 
 # ------------------------------------------------------------ CPU path: gather the routed samples
