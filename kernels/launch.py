@@ -99,9 +99,8 @@ class Launcher:
 def _key_function(types, specialised):
     """The key of arguments of these types (exactly), as a function written out for them (a loop
     over the arguments testing each one's type cost 1.3 us more per launch of the routed backward's
-    15 arguments, on this project's CPU). False when an
-    argument's type is not classified (bool is not int here: Triton types it u1) or the count does
-    not match the signature. What it keys on, per argument: a tensor's dtype and whether its address
+    15 arguments, on this project's CPU). False when an argument's type is not classified (bool is
+    not int here: Triton types it u1) or the count does not match the signature. What it keys on, per argument: a tensor's dtype and whether its address
     is a multiple of 16; an integer's width class (32, 64 bits or wider) and, unless the parameter is
     do_not_specialize, whether it is 1 and whether it is a multiple of 16; nothing of a float."""
     if len(types) != len(specialised):
