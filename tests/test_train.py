@@ -12,55 +12,7 @@ from clear_fast.losses import clear_loss, consistency_loss
 from clear_fast.model import draw_routing_masks, layer_index
 from clear_fast.train import main
 from clear_fast.trainer import Run, Tokenized
-
-WORDS = {0: "alpha apple amber", 1: "bravo banana blue", 2: "charlie cherry cyan", 3: "delta date dune"}
-
-
-@pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory):
-    """2-layer random BERT, RoBERTa-style and DistilBERT models, saved with the MiniLM tokenizer."""
-    from transformers import (AutoTokenizer, BertConfig, BertForSequenceClassification, DistilBertConfig,
-                              DistilBertForSequenceClassification, RobertaConfig, RobertaForSequenceClassification)
-
-    from clear_fast.model import resolve_model_path
-
-    tok = AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
-    small = dict(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                 intermediate_size=64, max_position_embeddings=80)
-    paths = {}
-    for name, cfg, cls in (("bert", BertConfig(**small), BertForSequenceClassification),
-                           ("roberta", RobertaConfig(**small, pad_token_id=0), RobertaForSequenceClassification),
-                           ("distilbert", DistilBertConfig(vocab_size=tok.vocab_size, dim=32, n_layers=2, n_heads=2,
-                                                           hidden_dim=64, max_position_embeddings=80),
-                            DistilBertForSequenceClassification)):
-        torch.manual_seed(0)
-        path = tmp_path_factory.mktemp(name)
-        cls(cfg).save_pretrained(path)
-        tok.save_pretrained(path)
-        paths[name] = str(path)
-    return paths
-
-
-@pytest.fixture(scope="session")
-def toy_files(tmp_path_factory):
-    """A 4-class CSV task that a tiny model learns in a few epochs; string labels."""
-    rng = np.random.default_rng(0)
-    d = tmp_path_factory.mktemp("toy")
-    for split, n in (("train", 160), ("dev", 40), ("test", 60)):
-        rows = ["text,label"]
-        for i in range(n):
-            y = i % 4
-            words = WORDS[y].split() + ["filler", "word", "the"]
-            rows.append(" ".join(rng.choice(words, size=6)) + f",class_{y}")
-        (d / f"{split}.csv").write_text("\n".join(rows) + "\n")
-    return d
-
-
-def cli(model, files, out, *extra):
-    return ["--model", model, "--train-file", str(files / "train.csv"), "--dev-file", str(files / "dev.csv"),
-            "--test-file", str(files / "test.csv"), "--output-dir", str(out), "--max-length", "16",
-            "--batch-size", "16", "--num-epochs", "3", "--warmup-epochs", "1", "--learning-rate", "3e-3",
-            "--no-progress", "--max-train-samples", "0", *extra]
+from conftest import cli
 
 
 def strip_times(records):
