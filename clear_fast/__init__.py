@@ -12,6 +12,7 @@ _EXPORTS = {
     "GaussianMixture1D": "clear_fast.mixture",
     "clean_probability": "clear_fast.mixture",
     "clear_loss": "clear_fast.losses",
+    "TrainedClassifier": "clear_fast.predict",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -133,6 +133,62 @@ _JSON_EXTENSIONS = (".jsonl", ".json")
 def _read_table(path, text_column: str, label_column: str) -> tuple[list[str], list[str]]:
     """Read one CSV / TSV / JSON-lines file into (texts, raw string labels), checking every row."""
     path = Path(path)
+    columns, records = _read_records(path)
+    for column in (text_column, label_column):
+        _check_column(path, columns, column)
+    texts = _checked_texts([r.get(text_column) for r in records], path, text_column)
+    labels = _checked_labels([r.get(label_column) for r in records], path, label_column)
+    return texts, labels
+
+
+def read_texts(path, text_column: str = "text", label_column: str | None = None):
+    """Texts to predict on, and their given labels where the file has them: (texts, labels), labels
+    a list of class names with None where a row has none, or None when there is no label column.
+
+    A CSV / TSV / JSON-lines file as for training (label_column None: "label" if the file has
+    one), or a .txt file with one text per line (blank lines skipped; no labels)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in _DELIMITERS and suffix not in _JSON_EXTENSIONS and suffix != ".txt":
+        raise ValueError(f"{path}: unsupported file type {suffix!r}; use .csv, .tsv, .jsonl or .json (JSON "
+                         "lines), or .txt (one text per line)")
+    if suffix == ".txt" and path.is_file():
+        if label_column is not None:
+            raise ValueError(f"{path}: a .txt file holds one text per line and no labels; "
+                             f"a label column ({label_column!r}) needs a CSV, TSV or JSON-lines file")
+        try:
+            texts = [line for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+        except UnicodeDecodeError as e:
+            raise _not_utf8(path, e) from None
+        if not texts:
+            raise ValueError(f"{path}: no texts (every line is blank)")
+        return texts, None
+    columns, records = _read_records(path)
+    _check_column(path, columns, text_column)
+    if label_column is None:
+        label_column = "label" if "label" in columns else None
+    else:
+        _check_column(path, columns, label_column)
+    texts = _checked_texts([r.get(text_column) for r in records], path, text_column)
+    if label_column is None:
+        return texts, None
+    labels = []
+    for i, r in enumerate(records):
+        try:
+            labels.append(_label_key(r.get(label_column)))
+        except TypeError as e:
+            raise DataTypeError(f"{path}: column {label_column!r}, {_rows([i])}: {e}") from None
+    return texts, labels
+
+
+def _check_column(path, columns, column):
+    if column not in columns:
+        raise ValueError(f"{path}: no column {column!r}; columns present: {sorted(columns)}")
+
+
+def _read_records(path: Path) -> tuple:
+    """(column names, one dict per data row) of a CSV / TSV / JSON-lines file, with clear errors
+    for a missing file, a folder, an unsupported type, text that is not UTF-8 and no rows."""
     if path.is_dir():
         raise UserError(f"data file {path} is a folder: name the CSV, TSV or JSON-lines file in it")
     if not path.is_file():
@@ -145,17 +201,16 @@ def _read_table(path, text_column: str, label_column: str) -> tuple[list[str], l
             columns, records = _read_delimited(path, _DELIMITERS[suffix])
         else:
             columns, records = _read_json_lines(path)
-    except UnicodeDecodeError as e:  # its own message names no file
-        raise UserError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}): save it as UTF-8") from None
+    except UnicodeDecodeError as e:
+        raise _not_utf8(path, e) from None
     if not records:
         raise ValueError(f"{path}: no data rows")
-    for column in (text_column, label_column):
-        if column not in columns:
-            raise ValueError(f"{path}: no column {column!r}; columns present: {sorted(columns)}")
+    return columns, records
 
-    texts = _checked_texts([r.get(text_column) for r in records], path, text_column)
-    labels = _checked_labels([r.get(label_column) for r in records], path, label_column)
-    return texts, labels
+
+def _not_utf8(path, e: UnicodeDecodeError) -> UserError:
+    """UnicodeDecodeError's own message names no file."""
+    return UserError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}): save it as UTF-8")
 
 
 def _read_delimited(path: Path, delimiter: str) -> tuple[list[str], list[dict]]:

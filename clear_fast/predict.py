@@ -1,0 +1,226 @@
+"""`python -m clear_fast.predict RUN INPUT`: a finished run's classifier on new texts.
+
+Loads what `python -m clear_fast.train` saved in RUN (the adapter and head in peft's format, or the
+fine-tuned model of --method full) and writes one CSV row per text: the predicted label and its
+probability and, where the input has labels, the probability the model gives the given label and
+whether the two agree (sort by that probability to see the likeliest label errors first).
+Every adapter is on, as in the run's default evaluation (--eval-routing all-on).
+
+From Python: ``TrainedClassifier.from_run(RUN).predict_proba(texts)``.
+"""
+import argparse
+import csv
+import io as _io
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import io
+from .config import DEVICES, UserError
+from .data import read_texts
+
+
+class TrainedClassifier:
+    """A trained run's classifier: texts in, class probabilities out (label_names[k] is class k)."""
+
+    def __init__(self, model, tokenizer, label_names, max_length, device):
+        self.model, self.tokenizer = model.to(device).eval(), tokenizer
+        self.label_names, self.max_length, self.device = list(label_names), max_length, device
+
+    @classmethod
+    def from_run(cls, run_dir, device="auto", max_length=None):
+        """RUN: the --output-dir of a finished training run (or its adapter/ or model/ folder).
+        max_length: tokens per text; by default the run's --max-length (from its config.json)."""
+        from .model import _quiet_transformers, load_classifier, resolve_model_path
+        from .trainer import _pick_device
+
+        saved, config = _saved_classifier(Path(run_dir))
+        labels = json.loads((saved / "labels.json").read_text())
+        names = labels["label_names"]
+        # the base model's path as trained; on another machine the name it was given resolves again
+        base = labels["base_model"]
+        if not os.path.isdir(base) and config.get("model"):
+            base = resolve_model_path(config["model"])
+        if max_length is None:
+            max_length = config.get("max_length")
+            if max_length is None:
+                raise UserError(f"{saved}: no config.json of its run beside it to take the maximum text "
+                                "length from; give --max-length")
+        if max_length < 1:
+            raise UserError(f"--max-length must be at least 1, got {max_length}")
+        if not DEVICES.fullmatch(str(device)):
+            raise UserError(f"unknown device {device!r}: auto, cpu, cuda or cuda:N")
+        device = _pick_device(device)
+        if (saved / "adapter_config.json").is_file():
+            from peft import PeftModel
+
+            model, tokenizer, _ = load_classifier(base, len(names), names)
+            with _quiet_transformers():
+                model = PeftModel.from_pretrained(model, str(saved))
+        else:
+            from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+            try:
+                with _quiet_transformers():
+                    model = AutoModelForSequenceClassification.from_pretrained(str(saved))
+                    tokenizer = AutoTokenizer.from_pretrained(base)
+            except (OSError, ValueError) as e:
+                raise UserError(f"cannot load the fine-tuned model in {saved} (tokenizer from {base}): {e}") from None
+        return cls(model, tokenizer, names, max_length, device)
+
+    @torch.inference_mode()
+    def predict_proba(self, texts, batch_size=128, progress=False):
+        """[len(texts), classes] float32 numpy array of class probabilities."""
+        from tqdm.auto import tqdm
+
+        from .trainer import Tokenized
+
+        texts = _checked(texts)
+        if batch_size < 1:
+            raise UserError(f"batch size must be at least 1, got {batch_size}")
+        data = Tokenized.from_texts(self.tokenizer, texts, np.zeros(len(texts), dtype=np.int64), self.max_length)
+        out = torch.empty(len(texts), len(self.label_names))
+        batches = data.sorted_batches(batch_size, self.device)  # by length: little padding
+        for batch in tqdm(batches, total=-(-len(texts) // batch_size), desc="predict", leave=False,
+                          disable=not progress):
+            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            out[batch["index"].cpu()] = logits.float().softmax(-1).cpu()
+        return out.numpy()
+
+    def predict(self, texts, batch_size=128):
+        """The predicted label name of each text."""
+        return [self.label_names[k] for k in self.predict_proba(texts, batch_size).argmax(-1)]
+
+
+def _checked(texts):
+    if isinstance(texts, str):
+        raise TypeError("texts must be a list of strings, not one string (wrap it in a list)")
+    texts = list(texts)
+    bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+    if bad is not None:
+        raise TypeError(f"texts must be strings; texts[{bad}] is a {type(texts[bad]).__name__}")
+    if not texts:
+        raise ValueError("no texts to predict")
+    return texts
+
+
+def _saved_classifier(run_dir):
+    """(the folder holding the trained classifier, the run's configuration or {})."""
+    if not run_dir.exists():
+        raise FileNotFoundError(f"run folder not found: {run_dir}")
+    if (run_dir / "labels.json").is_file():  # the adapter/ or model/ folder itself
+        saved, config_file = run_dir, run_dir.parent / "config.json"
+    else:
+        saved = next((run_dir / d for d in ("adapter", "model") if (run_dir / d / "labels.json").is_file()), None)
+        config_file = run_dir / "config.json"
+        if saved is None:
+            if (run_dir / "checkpoint.pt").exists() and not (run_dir / "results.json").exists():
+                why = "its run has not finished: continue it with its training command plus --resume"
+            elif (run_dir / "results.json").exists():
+                why = "its run was made with --no-save-adapter"
+            else:
+                why = "name the --output-dir of a finished `python -m clear_fast.train` run"
+            raise UserError(f"{run_dir} holds no trained classifier (adapter/ or model/ with labels.json): {why}")
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    return saved, config
+
+
+# ----------------------------------------------------------------------------- the command line
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog="python -m clear_fast.predict",
+        description="Predict labels of new texts with a run of python -m clear_fast.train; where the input "
+                    "has labels, also how likely the model finds each given label (low: a likely label error).")
+    p.add_argument("run", help="the --output-dir of a finished training run (or its adapter/ or model/ folder)")
+    p.add_argument("input", help="CSV, TSV or JSON-lines file with a text column (and optionally labels), "
+                                 "or a .txt file with one text per line")
+    p.add_argument("--output", help="CSV to write (default: INPUT's name with .predictions.csv, beside it)")
+    p.add_argument("--text-column", default="text", help="text column of INPUT (default: text)")
+    p.add_argument("--label-column", help="column of given labels to check (default: label, if INPUT has it)")
+    p.add_argument("--all-probabilities", action="store_true", help="also one p_<label> column per class")
+    p.add_argument("--batch-size", type=int, default=128, help="texts per forward pass (default: 128)")
+    p.add_argument("--max-length", type=int, help="maximum tokens per text (default: the run's)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="progress bar (default: on)")
+    return p
+
+
+def main(argv=None):
+    from .train import _one_line_for_ours  # importing it sets the CLI's offline defaults, as for training
+
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line_for_ours(warnings.showwarning)
+        try:
+            return _main(build_parser().parse_args(argv))
+        except (ValueError, FileNotFoundError) as e:  # UserError and the libraries' own messages
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("\ninterrupted: nothing was written", file=sys.stderr)
+            return 130
+
+
+def _main(args):
+    source = Path(args.input)
+    output = Path(args.output) if args.output else source.with_name(source.stem + ".predictions.csv")
+    if output.exists() and not args.overwrite:
+        raise UserError(f"{output} exists: pass --overwrite to replace it, or choose another --output")
+    if output.resolve() == source.resolve():
+        raise UserError(f"--output {output} is the input file")
+    texts, given = read_texts(source, args.text_column, args.label_column)
+    clf = TrainedClassifier.from_run(args.run, args.device, args.max_length)
+    p = clf.predict_proba(texts, args.batch_size, args.progress)
+    ids = None if given is None else _given_ids(given, clf.label_names)
+    io.write_text(output, _table(texts, given, ids, p, clf.label_names, args.all_probabilities))
+    print(f"predicted {len(texts)} text(s): {output}")
+    if given is not None:
+        _report_given(given, ids, p, len(clf.label_names))
+    return 0
+
+
+def _given_ids(given, names):
+    """Class id of each given label; -1 where a row has none, -2 where the model never saw it."""
+    ids = {n: k for k, n in enumerate(names)}
+    return np.array([-1 if y is None else ids.get(y, -2) for y in given], dtype=np.int64)
+
+
+def _table(texts, given, ids, p, names, all_probabilities):
+    buf = _io.StringIO()
+    w = csv.writer(buf)
+    pred = p.argmax(-1)
+    head = ["row", "predicted_label", "probability"]
+    if given is not None:
+        head += ["given_label", "given_label_probability", "agrees"]
+    w.writerow(head + ([f"p_{n}" for n in names] if all_probabilities else []) + ["text"])
+    for i, text in enumerate(texts):
+        row = [i + 1, names[pred[i]], f"{p[i, pred[i]]:.6g}"]
+        if given is not None:
+            known = ids[i] >= 0
+            row += [given[i] or "", f"{p[i, ids[i]]:.6g}" if known else "",
+                    "" if ids[i] == -1 else int(known and ids[i] == pred[i])]
+        w.writerow(row + ([f"{v:.6g}" for v in p[i]] if all_probabilities else []) + [text])
+    return buf.getvalue()
+
+
+def _report_given(given, ids, p, classes):
+    unknown = sorted({y for y, k in zip(given, ids) if k == -2})
+    if unknown:
+        shown = unknown[:10] + (["..."] if len(unknown) > 10 else [])
+        warnings.warn(f"{int((ids == -2).sum())} given label(s) are not among the {classes} labels the model "
+                      f"was trained on ({shown}): they count as disagreements", UserWarning, stacklevel=2)
+    labelled = ids != -1
+    if labelled.any():
+        agree, total = int((p.argmax(-1) == ids)[labelled].sum()), int(labelled.sum())
+        print(f"given labels: {agree} of {total} agree with the model (accuracy {agree / total:.4f}); "
+              "sort by given_label_probability to see the likeliest label errors first")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""`python -m clear_fast.predict`: a finished run's classifier on new texts (tiny random models)."""
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from clear_fast.config import parse_config
+from clear_fast.data import read_texts
+from clear_fast.predict import TrainedClassifier, main
+from clear_fast.trainer import Run
+from conftest import WORDS, cli
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_models, toy_files, tmp_path_factory):
+    """A finished clear-lora run and a full fine-tuning run, with the Run objects that made them."""
+    runs = {}
+    for method in ("clear-lora", "full"):
+        out = tmp_path_factory.mktemp(method)
+        run = Run(parse_config(cli(tiny_models["bert"], toy_files, out, "--method", method, "--no-plots")))
+        run.run()
+        runs[method] = (out, run)
+    return runs
+
+
+def read_rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("method", ["clear-lora", "full"])
+def test_predictions_are_the_runs_own(trained, toy_files, tmp_path, method, capsys):
+    out, run = trained[method]
+    batch = run.test.batch(np.arange(len(run.test)), "cpu")
+    run.model.eval()
+    run._route(None)  # every adapter on, as the run evaluates
+    with torch.no_grad():
+        want = run.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.softmax(-1)
+
+    texts, _ = read_texts(toy_files / "test.csv")
+    clf = TrainedClassifier.from_run(out, device="cpu")
+    got = clf.predict_proba(texts, batch_size=7)  # batches sorted by length, put back in order
+    np.testing.assert_allclose(got, want.numpy(), atol=1e-5)
+    assert clf.label_names == run.label_names
+
+    dest = tmp_path / "pred.csv"
+    assert main([str(out), str(toy_files / "test.csv"), "--output", str(dest), "--no-progress"]) == 0
+    rows = read_rows(dest)
+    assert [r["text"] for r in rows] == texts and rows[0]["row"] == "1"
+    assert [r["predicted_label"] for r in rows] == [run.label_names[k] for k in want.argmax(-1)]
+    results = json.loads((out / "results.json").read_text())
+    agree = sum(r["agrees"] == "1" for r in rows)
+    assert agree / len(rows) == pytest.approx(results["last_test_accuracy"])
+    assert f"{agree} of {len(rows)} agree" in capsys.readouterr().out
+    given = np.array([float(r["given_label_probability"]) for r in rows])
+    ids = [run.label_names.index(r["given_label"]) for r in rows]
+    np.testing.assert_allclose(given, got[np.arange(len(rows)), ids], rtol=1e-5)
+
+
+def test_text_files_probabilities_and_the_adapter_folder_itself(trained, tmp_path):
+    out, _ = trained["clear-lora"]
+    src = tmp_path / "new.txt"
+    src.write_text(f"{WORDS[2]}\n\n{WORDS[0]} filler\n")
+    assert main([str(out / "adapter"), str(src), "--all-probabilities", "--no-progress"]) == 0
+    rows = read_rows(tmp_path / "new.predictions.csv")  # the default output: beside the input
+    assert [r["row"] for r in rows] == ["1", "2"] and "given_label" not in rows[0]
+    probs = np.array([[float(r[f"p_class_{k}"]) for k in range(4)] for r in rows])
+    np.testing.assert_allclose(probs.sum(1), 1, atol=1e-5)
+    assert [r["predicted_label"] for r in rows] == [f"class_{k}" for k in probs.argmax(1)]
+    assert main([str(out), str(src), "--no-progress"]) == 2, "an existing output is not replaced"
+    assert main([str(out), str(src), "--no-progress", "--overwrite"]) == 0
+
+
+def test_given_labels_unknown_or_missing(trained, tmp_path, capsys):
+    out, run = trained["clear-lora"]
+    src = tmp_path / "new.jsonl"
+    src.write_text("\n".join(json.dumps(r) for r in [
+        {"sentence": WORDS[1], "intent": "class_1"}, {"sentence": WORDS[1], "intent": "no_such_class"},
+        {"sentence": WORDS[3]}]) + "\n")
+    assert main([str(out), str(src), "--text-column", "sentence", "--label-column", "intent", "--no-progress"]) == 0
+    rows = read_rows(tmp_path / "new.predictions.csv")
+    assert [r["given_label"] for r in rows] == ["class_1", "no_such_class", ""]
+    assert rows[1]["agrees"] == "0" and rows[1]["given_label_probability"] == ""
+    assert rows[2]["agrees"] == "" and rows[2]["given_label_probability"] == ""
+    captured = capsys.readouterr()
+    assert "warning: 1 given label(s) are not among the 4 labels" in captured.err
+    assert " of 2 agree" in captured.out  # the row without a label is not counted
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no_run", "run folder not found"),
+    ("unfinished", "has not finished"),
+    ("no_input", "data file not found"),
+    ("no_text_column", "no column 'sentence'"),
+    ("txt_with_labels", "no labels"),
+    ("output_is_input", "is the input file"),
+    ("bad_max_length", "--max-length must be at least 1"),
+    ("bad_device", "unknown device 'tpu'"),
+])
+def test_mistakes_are_one_clear_message(trained, toy_files, tmp_path, capsys, case, message):
+    out, _ = trained["clear-lora"]
+    test_csv, txt = str(toy_files / "test.csv"), tmp_path / "t.txt"
+    txt.write_text("hello\n")
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "checkpoint.pt").write_bytes(b"")
+    argv = {"no_run": [str(tmp_path / "nope"), test_csv],
+            "unfinished": [str(unfinished), test_csv],
+            "no_input": [str(out), str(tmp_path / "missing.csv")],
+            "no_text_column": [str(out), test_csv, "--text-column", "sentence"],
+            "txt_with_labels": [str(out), str(txt), "--label-column", "label"],
+            "output_is_input": [str(out), test_csv, "--output", test_csv, "--overwrite"],
+            "bad_max_length": [str(out), test_csv, "--max-length", "0", "--output", str(tmp_path / "p.csv")],
+            "bad_device": [str(out), test_csv, "--device", "tpu", "--output", str(tmp_path / "p.csv")]}[case]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(argv + ["--no-progress"]) == 2
+    assert message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before, "a failed call writes nothing"
+
+
+def test_python_api_refuses_what_is_not_a_list_of_texts(trained):
+    clf = TrainedClassifier.from_run(trained["clear-lora"][0], device="cpu")
+    with pytest.raises(TypeError, match="not one string"):
+        clf.predict_proba("one text")
+    with pytest.raises(TypeError, match=r"texts\[1\] is a int"):
+        clf.predict_proba(["a", 3])
+    assert clf.predict([WORDS[0], WORDS[3]]) == [clf.label_names[k] for k in
+                                                clf.predict_proba([WORDS[0], WORDS[3]]).argmax(-1)]
