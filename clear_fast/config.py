@@ -50,9 +50,11 @@ class TrainConfig:
     max_eval_samples: int = _f(0, "stratified, seeded subset of dev and test (0 = all)")
     data_seed: int = _f(0, "seed of the training / evaluation subsets (the same for every method)")
     # label noise
-    noise_type: str = _f("symmetric", "none | symmetric | symmetric-exact | asymmetric | "
-                         "asymmetric-next | instance (conventions in README)")
-    noise_rate: float = _f(0.4, "label noise rate r in [0, 1)")
+    noise_type: str = _f(None, "label noise injected for experiments: none | symmetric | symmetric-exact | "
+                         "asymmetric | asymmetric-next | instance (conventions in README) (default: symmetric on "
+                         "a built-in dataset or with --noise-rate; none on your own files or a hub dataset, "
+                         "whose labels are used as they are)")
+    noise_rate: float = _f(None, "label noise rate r in [0, 1) (default: 0.4 when noise is injected)")
     noise_seed: int = _f(None, "seed of the injected noise (default: --seed)")
     # model and method
     model: str = _f(DEFAULT_MODEL, "Hugging Face encoder name or local folder")
@@ -121,6 +123,17 @@ class TrainConfig:
             d["target_modules"] = list(d["target_modules"])
         return d
 
+    def _default_noise(self):
+        """Noise is for experiments on benchmark data: injected by default into a built-in dataset
+        only, never silently into the user's own labels (files, hub datasets)."""
+        from .data import BUILTIN_DATASETS
+
+        if self.noise_type is None:
+            builtin = not self.train_file and str(self.dataset).lower() in BUILTIN_DATASETS
+            self.noise_type = "symmetric" if builtin or self.noise_rate is not None else "none"
+        if self.noise_rate is None:
+            self.noise_rate = 0.0 if self.noise_type == "none" else 0.4
+
     @classmethod
     def saved_with_defaults(cls, saved):
         """A config dict saved by an earlier version, with the options it predates at their defaults
@@ -128,7 +141,9 @@ class TrainConfig:
         return {**cls().to_dict(), **saved}
 
     def validate(self):
-        """Raise ValueError naming every bad setting at once."""
+        """Fill in the defaults that depend on other settings; raise ValueError naming every bad
+        setting at once."""
+        self._default_noise()
         bad = []
         if self.method not in METHODS:
             bad.append(f"--method {self.method!r} is not one of {', '.join(METHODS)}")

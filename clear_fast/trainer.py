@@ -577,13 +577,15 @@ class Run:
     def write_per_sample(self, pass_out):
         buf = _io.StringIO()
         w = csv.writer(buf)
-        w.writerow(["index", "observed_label", "true_label", "flipped", "loss", "clean_probability",
-                    "predicted_label", "text"])
+        injected = self.cfg.noise_type != "none" and self.cfg.noise_rate > 0  # else the truth is not known
+        w.writerow(["index", "observed_label", *(["true_label", "flipped"] if injected else []), "loss",
+                    "clean_probability", "predicted_label", "text"])
         p, losses, pred = (pass_out[k].numpy() for k in ("p_clean", "losses", "pred"))
         names, obs, true = self.label_names, self.train.labels.numpy(), self.true_labels.numpy()
         for i in np.lexsort((-losses, p)):  # least likely clean first, then highest loss
-            w.writerow([i, names[obs[i]], names[true[i]], int(obs[i] != true[i]), f"{losses[i]:.6g}",
-                        f"{p[i]:.6g}", names[pred[i]], self.train_split.texts[i]])
+            truth = [names[true[i]], int(obs[i] != true[i])] if injected else []
+            w.writerow([i, names[obs[i]], *truth, f"{losses[i]:.6g}", f"{p[i]:.6g}", names[pred[i]],
+                        self.train_split.texts[i]])
         io.write_text(self.out / "per_sample.csv", buf.getvalue())
 
     def save_model(self):

@@ -74,7 +74,8 @@ def toy_files(tmp_path_factory):
 
 
 def cli(model, files, out, *extra):
-    return ["--model", model, "--train-file", str(files / "train.csv"), "--dev-file", str(files / "dev.csv"),
+    """Training arguments on the toy files, with the built-in datasets' default noise (symmetric 0.4)."""
+    return ["--noise-type", "symmetric", "--model", model, "--train-file", str(files / "train.csv"), "--dev-file", str(files / "dev.csv"),
             "--test-file", str(files / "test.csv"), "--output-dir", str(out), "--max-length", "16",
             "--batch-size", "16", "--num-epochs", "3", "--warmup-epochs", "1", "--learning-rate", "3e-3",
             "--no-progress", "--max-train-samples", "0", *extra]

@@ -126,7 +126,24 @@ def test_help_shows_the_real_defaults(capsys):
     assert f"(default: {defaults.model})" in text
     # a flag whose default depends on others keeps its own explanation
     assert "(default per method: LoRA 1e-2, full 3e-4)" in text
-    assert f"(default: {defaults.noise_type})" in text
+    assert "(default: symmetric on a built-in dataset or with --noise-rate; none on your own files" in text
+
+
+FILES = ["--train-file", "train.csv", "--test-file", "test.csv"]
+
+
+@pytest.mark.parametrize("flags, want", [
+    ([], ("symmetric", 0.4)),  # a built-in dataset: the benchmark setting of `make run`
+    (["--dataset", "Banking77"], ("symmetric", 0.4)),
+    (["--dataset", "ag_news"], ("none", 0.0)),  # a hub dataset: the user's labels as they are
+    (FILES, ("none", 0.0)),
+    (FILES + ["--noise-rate", "0.2"], ("symmetric", 0.2)),
+    (FILES + ["--noise-type", "asymmetric"], ("asymmetric", 0.4)),
+    (["--noise-type", "none"], ("none", 0.0)),
+])
+def test_noise_is_injected_by_default_only_into_built_in_datasets(flags, want):
+    cfg = parse_config(flags)
+    assert (cfg.noise_type, cfg.noise_rate) == want
 
 
 def test_routed_method_with_only_warm_up_epochs_warns():

@@ -1,4 +1,5 @@
 """The training pipeline end to end on tiny random models (seconds), plus its formulas and errors."""
+import csv
 import json
 import math
 
@@ -130,6 +131,23 @@ def test_saved_adapter_reloads_in_peft_with_equal_predictions(tiny_models, toy_f
             untrained = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
     assert not torch.allclose(ours, untrained, atol=1e-3), "the saved adapter must carry the trained weights"
+
+
+def test_own_files_keep_their_labels_and_per_sample_csv_claims_no_truth(tiny_models, toy_files, tmp_path):
+    out = tmp_path / "own"
+    args = cli(tiny_models["bert"], toy_files, out, "--num-epochs", "2", "--no-plots", "--no-save-adapter")
+    assert args[:2] == ["--noise-type", "symmetric"]
+    assert main(args[2:]) == 0  # the user's own files, no noise flag
+    noise = json.loads((out / "noise.json").read_text())
+    assert noise["noise_type"] == "none" and all(noise["clean_mask"])
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["noise_type"], cfg["noise_rate"]) == ("none", 0.0)
+    with open(out / "per_sample.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert "true_label" not in rows[0] and "flipped" not in rows[0]
+    with open(toy_files / "train.csv", newline="") as f:
+        given = {(r["text"], r["label"]) for r in csv.DictReader(f)}
+    assert {(r["text"], r["observed_label"]) for r in rows} == given, "the labels must be the file's"
 
 
 def test_consistency_loss_matches_its_formula():
