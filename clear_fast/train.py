@@ -53,6 +53,8 @@ def _main(argv):
           f"last {results['last_test_accuracy']:.4f}"
           + (f", dev-selected {results['dev_selected_test_accuracy']:.4f}" if "dev_selected_test_accuracy" in results else ""))
     print(f"outputs in {os.path.abspath(config.output_dir)}: {', '.join(run.outputs_present())}")
+    if "per_sample.csv" in run.outputs_present():
+        print("per_sample.csv lists the training samples likeliest to be mislabelled first")
     return 0
 
 

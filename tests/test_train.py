@@ -133,11 +133,12 @@ def test_saved_adapter_reloads_in_peft_with_equal_predictions(tiny_models, toy_f
     assert not torch.allclose(ours, untrained, atol=1e-3), "the saved adapter must carry the trained weights"
 
 
-def test_own_files_keep_their_labels_and_per_sample_csv_claims_no_truth(tiny_models, toy_files, tmp_path):
+def test_own_files_keep_their_labels_and_per_sample_csv_claims_no_truth(tiny_models, toy_files, tmp_path, capsys):
     out = tmp_path / "own"
     args = cli(tiny_models["bert"], toy_files, out, "--num-epochs", "2", "--no-plots", "--no-save-adapter")
     assert args[:2] == ["--noise-type", "symmetric"]
     assert main(args[2:]) == 0  # the user's own files, no noise flag
+    assert "per_sample.csv lists the training samples likeliest to be mislabelled first" in capsys.readouterr().out
     noise = json.loads((out / "noise.json").read_text())
     assert noise["noise_type"] == "none" and all(noise["clean_mask"])
     cfg = json.loads((out / "config.json").read_text())
