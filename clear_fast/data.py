@@ -133,7 +133,7 @@ _JSON_EXTENSIONS = (".jsonl", ".json")
 def _read_table(path, text_column: str, label_column: str) -> tuple[list[str], list[str]]:
     """Read one CSV / TSV / JSON-lines file into (texts, raw string labels), checking every row."""
     path = Path(path)
-    columns, records = _read_records(path)
+    columns, records, _ = _read_records(path)
     for column in (text_column, label_column):
         _check_column(path, columns, column)
     texts = _checked_texts([r.get(text_column) for r in records], path, text_column)
@@ -141,44 +141,46 @@ def _read_table(path, text_column: str, label_column: str) -> tuple[list[str], l
     return texts, labels
 
 
-def read_texts(path, text_column: str = "text", label_column: str | None = None):
-    """Texts to predict on, and their given labels where the file has them: (texts, labels), labels
-    a list of class names with None where a row has none, or None when there is no label column.
+def read_texts(path, text_column: str = "text", label_column: str = "label", label_required: bool = False):
+    """Texts to predict on, with their given labels where the file has them: (texts, labels, rows).
 
-    A CSV / TSV / JSON-lines file as for training (label_column None: "label" if the file has
-    one), or a .txt file with one text per line (blank lines skipped; no labels)."""
+    labels: class names, None where a row has none; or None when the file has no label_column
+    (an error if label_required). rows: each text's line in a .txt or JSON-lines file, its data row
+    (from 1, header excluded) in a CSV or TSV. A .txt file holds one text per line (blank lines
+    skipped) and no labels."""
     path = Path(path)
     suffix = path.suffix.lower()
+    if path.is_dir():
+        raise UserError(f"data file {path} is a folder: name the file in it")
     if suffix not in _DELIMITERS and suffix not in _JSON_EXTENSIONS and suffix != ".txt":
         raise ValueError(f"{path}: unsupported file type {suffix!r}; use .csv, .tsv, .jsonl or .json (JSON "
                          "lines), or .txt (one text per line)")
     if suffix == ".txt" and path.is_file():
-        if label_column is not None:
+        if label_required:
             raise ValueError(f"{path}: a .txt file holds one text per line and no labels; "
                              f"a label column ({label_column!r}) needs a CSV, TSV or JSON-lines file")
         try:
-            texts = [line for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+            lines = path.read_text(encoding="utf-8-sig").splitlines()
         except UnicodeDecodeError as e:
             raise _not_utf8(path, e) from None
-        if not texts:
+        rows = [i + 1 for i, line in enumerate(lines) if line.strip()]
+        if not rows:
             raise ValueError(f"{path}: no texts (every line is blank)")
-        return texts, None
-    columns, records = _read_records(path)
+        return [lines[i - 1] for i in rows], None, rows
+    columns, records, rows = _read_records(path)
     _check_column(path, columns, text_column)
-    if label_column is None:
-        label_column = "label" if "label" in columns else None
-    else:
+    if label_required:
         _check_column(path, columns, label_column)
     texts = _checked_texts([r.get(text_column) for r in records], path, text_column)
-    if label_column is None:
-        return texts, None
+    if label_column not in columns:
+        return texts, None, rows
     labels = []
     for i, r in enumerate(records):
         try:
             labels.append(_label_key(r.get(label_column)))
         except TypeError as e:
             raise DataTypeError(f"{path}: column {label_column!r}, {_rows([i])}: {e}") from None
-    return texts, labels
+    return texts, labels, rows
 
 
 def _check_column(path, columns, column):
@@ -187,8 +189,9 @@ def _check_column(path, columns, column):
 
 
 def _read_records(path: Path) -> tuple:
-    """(column names, one dict per data row) of a CSV / TSV / JSON-lines file, with clear errors
-    for a missing file, a folder, an unsupported type, text that is not UTF-8 and no rows."""
+    """(column names, one dict per data row, each row's number: its line in a JSON-lines file, its
+    data row in a CSV or TSV) of a CSV / TSV / JSON-lines file, with clear errors for a missing
+    file, a folder, an unsupported type, text that is not UTF-8 and no rows."""
     if path.is_dir():
         raise UserError(f"data file {path} is a folder: name the CSV, TSV or JSON-lines file in it")
     if not path.is_file():
@@ -199,13 +202,14 @@ def _read_records(path: Path) -> tuple:
     try:
         if suffix in _DELIMITERS:
             columns, records = _read_delimited(path, _DELIMITERS[suffix])
+            rows = list(range(1, len(records) + 1))
         else:
-            columns, records = _read_json_lines(path)
+            columns, records, rows = _read_json_lines(path)
     except UnicodeDecodeError as e:
         raise _not_utf8(path, e) from None
     if not records:
         raise ValueError(f"{path}: no data rows")
-    return columns, records
+    return columns, records, rows
 
 
 def _not_utf8(path, e: UnicodeDecodeError) -> UserError:
@@ -234,8 +238,11 @@ def _read_delimited(path: Path, delimiter: str) -> tuple[list[str], list[dict]]:
     return header, records
 
 
-def _read_json_lines(path: Path) -> tuple[set[str], list[dict]]:
-    columns, records = set(), []
+_NOT_AN_ARRAY = " (.json files are read as JSON lines too: one object per line, not one array of them)"
+
+
+def _read_json_lines(path: Path) -> tuple[set[str], list[dict], list[int]]:
+    columns, records, lines = set(), [], []
     with open(path, encoding="utf-8-sig") as f:
         for line_num, line in enumerate(f, 1):
             if not line.strip():
@@ -243,13 +250,16 @@ def _read_json_lines(path: Path) -> tuple[set[str], list[dict]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: line {line_num} is not valid JSON ({e.msg}); "
-                                 "expected JSON lines, one object per line") from None
+                raise ValueError(f"{path}: line {line_num} is not valid JSON ({e.msg}); expected JSON lines, "
+                                 "one object per line" + (_NOT_AN_ARRAY if line.lstrip().startswith("[") else "")
+                                 ) from None
             if not isinstance(record, dict):
-                raise ValueError(f"{path}: line {line_num} is a {type(record).__name__}, expected a JSON object")
+                raise ValueError(f"{path}: line {line_num} is a {type(record).__name__}, expected a JSON object"
+                                 + (_NOT_AN_ARRAY if isinstance(record, list) else ""))
             columns.update(record)
             records.append(record)
-    return columns, records
+            lines.append(line_num)
+    return columns, records, lines
 
 
 def _label_key(value) -> str | None:

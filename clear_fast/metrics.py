@@ -46,6 +46,14 @@ def training_fit(pred, observed, true, clean_mask):
     }
 
 
+def classes_without_likely_clean(p_clean, observed, threshold=0.5):
+    """The observed classes none of whose samples has p_clean above threshold (sorted ids): CleaR
+    routes their samples through the adapters rarely, so the adapters stop learning them."""
+    observed = np.asarray(observed)
+    likely = np.unique(observed[np.asarray(p_clean) > threshold])
+    return np.setdiff1d(np.unique(observed), likely).tolist()
+
+
 def accuracy(pred, labels):
     return float((np.asarray(pred) == np.asarray(labels)).mean()) if len(labels) else math.nan
 

@@ -43,7 +43,7 @@ def load_classifier(name, num_labels, label_names=None):
         kwargs["id2label"] = {i: str(n) for i, n in enumerate(label_names)}
         kwargs["label2id"] = {str(n): i for i, n in enumerate(label_names)}
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(path)
             model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
     except (OSError, ValueError, KeyError) as e:
@@ -51,8 +51,32 @@ def load_classifier(name, num_labels, label_names=None):
     return model, tokenizer, path
 
 
+def text_length_limit(model, tokenizer):
+    """The most tokens a text can have for this model (None: no limit known): its table of position
+    embeddings, less RoBERTa's offset (positions start after padding_idx), and the tokenizer's own limit."""
+    limits = []
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(positions, int) and positions > 0:
+        pad = getattr(getattr(model.base_model, "embeddings", None), "padding_idx", None)
+        limits.append(positions - (pad + 1) if isinstance(pad, int) else positions)
+    own = getattr(tokenizer, "model_max_length", None)
+    if isinstance(own, int) and 0 < own < 1_000_000:  # tokenizers without a limit say 1e30
+        limits.append(own)
+    return min(limits) if limits else None
+
+
+def usable_max_length(requested, model, tokenizer):
+    """--max-length, cut to what the model takes (a longer text would fail deep inside its forward)."""
+    limit = text_length_limit(model, tokenizer)
+    if limit is not None and requested > limit:
+        warnings.warn(f"--max-length {requested} is more than this model takes: texts are cut at {limit} tokens",
+                      UserWarning, stacklevel=2)
+        return limit
+    return requested
+
+
 @contextlib.contextmanager
-def _quiet_transformers():
+def quiet_transformers():
     """A fresh classification head is expected here: no load report about it, no loading bar (it
     showed under --no-progress too), and not the FutureWarning that peft's get_peft_model raises
     through transformers' deprecated is_gradient_checkpointing (nothing a user can act on)."""
@@ -342,14 +366,14 @@ def save_peft_adapter(model, router, base_path, out_dir, config):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification
 
-    with _quiet_transformers():
+    with quiet_transformers():
         fresh = AutoModelForSequenceClassification.from_pretrained(base_path, config=model.config,
                                                                    ignore_mismatched_sizes=True)
     lcfg = LoraConfig(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                       target_modules=sorted({n.split(".")[-1] for n in router.module_names}),
                       modules_to_save=head_module_names(model),
                       task_type="SEQ_CLS")
-    with _quiet_transformers():
+    with quiet_transformers():
         peft_model = get_peft_model(fresh, lcfg)
     ours = dict(model.named_modules())
     with torch.no_grad():
@@ -361,5 +385,6 @@ def save_peft_adapter(model, router, base_path, out_dir, config):
             wrapper = getattr(peft_model.base_model.model, head)
             target = wrapper.modules_to_save["default"] if hasattr(wrapper, "modules_to_save") else wrapper
             target.load_state_dict(getattr(model, head).state_dict())
-    peft_model.save_pretrained(str(out_dir))
+    with quiet_transformers():  # no "Writing model shards" bar, which --no-progress did not stop
+        peft_model.save_pretrained(str(out_dir))
     return Path(out_dir)

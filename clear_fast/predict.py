@@ -36,7 +36,7 @@ class TrainedClassifier:
     def from_run(cls, run_dir, device="auto", max_length=None):
         """RUN: the --output-dir of a finished training run (or its adapter/ or model/ folder).
         max_length: tokens per text; by default the run's --max-length (from its config.json)."""
-        from .model import _quiet_transformers, load_classifier, resolve_model_path
+        from .model import load_classifier, quiet_transformers, resolve_model_path, usable_max_length
         from .trainer import _pick_device
 
         saved, config = _saved_classifier(Path(run_dir))
@@ -60,17 +60,19 @@ class TrainedClassifier:
             from peft import PeftModel
 
             model, tokenizer, _ = load_classifier(base, len(names), names)
-            with _quiet_transformers():
+            max_length = usable_max_length(max_length, model, tokenizer)
+            with quiet_transformers():
                 model = PeftModel.from_pretrained(model, str(saved))
         else:
             from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
             try:
-                with _quiet_transformers():
+                with quiet_transformers():
                     model = AutoModelForSequenceClassification.from_pretrained(str(saved))
                     tokenizer = AutoTokenizer.from_pretrained(base)
             except (OSError, ValueError) as e:
                 raise UserError(f"cannot load the fine-tuned model in {saved} (tokenizer from {base}): {e}") from None
+            max_length = usable_max_length(max_length, model, tokenizer)
         return cls(model, tokenizer, names, max_length, device)
 
     @torch.inference_mode()
@@ -82,7 +84,7 @@ class TrainedClassifier:
 
         texts = _checked(texts)
         if batch_size < 1:
-            raise UserError(f"batch size must be at least 1, got {batch_size}")
+            raise UserError(f"batch_size must be at least 1, got {batch_size}")
         data = Tokenized.from_texts(self.tokenizer, texts, np.zeros(len(texts), dtype=np.int64), self.max_length)
         out = torch.empty(len(texts), len(self.label_names))
         batches = data.sorted_batches(batch_size, self.device)  # by length: little padding
@@ -140,8 +142,9 @@ def build_parser():
     p.add_argument("input", help="CSV, TSV or JSON-lines file with a text column (and optionally labels), "
                                  "or a .txt file with one text per line")
     p.add_argument("--output", help="CSV to write (default: INPUT's name with .predictions.csv, beside it)")
-    p.add_argument("--text-column", default="text", help="text column of INPUT (default: text)")
-    p.add_argument("--label-column", help="column of given labels to check (default: label, if INPUT has it)")
+    p.add_argument("--text-column", help="text column of INPUT (default: the run's --text-column)")
+    p.add_argument("--label-column", help="column of given labels to check (default: the run's --label-column, "
+                                          "if INPUT has it)")
     p.add_argument("--all-probabilities", action="store_true", help="also one p_<label> column per class")
     p.add_argument("--batch-size", type=int, default=128, help="texts per forward pass (default: 128)")
     p.add_argument("--max-length", type=int, help="maximum tokens per text (default: the run's)")
@@ -170,18 +173,28 @@ def main(argv=None):
 def _main(args):
     source = Path(args.input)
     output = Path(args.output) if args.output else source.with_name(source.stem + ".predictions.csv")
+    for flag in ("batch_size", "max_length"):  # before the model loads
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if output.is_dir():
+        raise UserError(f"--output {output} is a folder: name a file (e.g. {output / 'predictions.csv'})")
     if output.exists() and not args.overwrite:
         raise UserError(f"{output} exists: pass --overwrite to replace it, or choose another --output")
     if output.resolve() == source.resolve():
         raise UserError(f"--output {output} is the input file")
-    texts, given = read_texts(source, args.text_column, args.label_column)
+    _, config = _saved_classifier(Path(args.run))
+    label_column = args.label_column or config.get("label_column", "label")
+    texts, given, rows = read_texts(source, args.text_column or config.get("text_column", "text"), label_column,
+                                    label_required=args.label_column is not None)
     clf = TrainedClassifier.from_run(args.run, args.device, args.max_length)
     p = clf.predict_proba(texts, args.batch_size, args.progress)
     ids = None if given is None else _given_ids(given, clf.label_names)
-    io.write_text(output, _table(texts, given, ids, p, clf.label_names, args.all_probabilities))
+    io.write_text(output, _table(texts, rows, given, ids, p, clf.label_names, args.all_probabilities))
     print(f"predicted {len(texts)} text(s): {output}")
     if given is not None:
         _report_given(given, ids, p, len(clf.label_names))
+    elif source.suffix.lower() != ".txt":
+        print(f"no column {label_column!r} in {source}: no given labels to check (--label-column names one)")
     return 0
 
 
@@ -191,7 +204,7 @@ def _given_ids(given, names):
     return np.array([-1 if y is None else ids.get(y, -2) for y in given], dtype=np.int64)
 
 
-def _table(texts, given, ids, p, names, all_probabilities):
+def _table(texts, rows, given, ids, p, names, all_probabilities):
     buf = _io.StringIO()
     w = csv.writer(buf)
     pred = p.argmax(-1)
@@ -200,7 +213,7 @@ def _table(texts, given, ids, p, names, all_probabilities):
         head += ["given_label", "given_label_probability", "agrees"]
     w.writerow(head + ([f"p_{n}" for n in names] if all_probabilities else []) + ["text"])
     for i, text in enumerate(texts):
-        row = [i + 1, names[pred[i]], f"{p[i, pred[i]]:.6g}"]
+        row = [rows[i], names[pred[i]], f"{p[i, pred[i]]:.6g}"]
         if given is not None:
             known = ids[i] >= 0
             row += [given[i] or "", f"{p[i, ids[i]]:.6g}" if known else "",

@@ -23,8 +23,9 @@ from . import io, metrics, plots
 from .config import ROUTED_METHODS, TrainConfig, UserError
 from .losses import clear_loss
 from .mixture import clean_probability
-from .model import (HeadShield, draw_routing_masks, inject_routed_lora, load_classifier, save_peft_adapter,
-                    sentence_embeddings, shared_prefix_passes, without_cudnn_attention)
+from .model import (HeadShield, draw_routing_masks, inject_routed_lora, load_classifier, quiet_transformers,
+                    save_peft_adapter, sentence_embeddings, shared_prefix_passes, usable_max_length,
+                    without_cudnn_attention)
 
 # Everything a run writes into --output-dir (README, "Outputs"): what --overwrite removes. Other
 # files a user keeps there are never touched.
@@ -208,7 +209,8 @@ class Run:
 
         self.model, tokenizer, self.model_path = load_classifier(cfg.model, data.num_classes, self.label_names)
         self.model.to(self.device)
-        tok = lambda s: (Tokenized.from_texts(tokenizer, s.texts, s.labels, cfg.max_length, cfg.pad_to_multiple_of)
+        max_length = usable_max_length(cfg.max_length, self.model, tokenizer)
+        tok = lambda s: (Tokenized.from_texts(tokenizer, s.texts, s.labels, max_length, cfg.pad_to_multiple_of)
                          if s is not None else None)
         self.train, self.dev, self.test = tok(self.train_split), tok(dev_split), tok(test_split)
         self.true_labels = self.train.labels.clone()
@@ -496,6 +498,7 @@ class Run:
             pass_out = ck.get("last_pass")
             print(f"resuming {self.out} after epoch {start} of {cfg.num_epochs}")
         clean_t = torch.as_tensor(self.clean_mask, dtype=torch.float32, device=self.device)
+        warned = False  # about classes without a likely-clean sample: once a run
         bar = tqdm(range(start, cfg.num_epochs), desc=f"{cfg.method} on {self.data_name}", disable=not cfg.progress)
         for epoch in bar:
             torch.manual_seed(cfg.seed * 100_003 + epoch)  # routing and dropout: the same draws on resume
@@ -515,6 +518,8 @@ class Run:
             t2 = time.perf_counter()
             cp = self.clean_probability_pass(ep)
             p_clean, teacher = cp["p_clean"], cp["zbar"]
+            if cfg.method == "clear-lora" and cfg.warmup_epochs <= epoch + 1 < cfg.num_epochs and not warned:
+                warned = self._warn_unrouted_classes(epoch, p_clean)
             record = self._record(epoch, warm, ep, cp, test_acc, dev_acc,
                                   {"train_s": t1 - t0, "eval_s": t2 - t1, "clean_pass_s": cp["pass_s"],
                                    "mixture_s": cp["mixture_s"]})
@@ -532,6 +537,20 @@ class Run:
             tqdm.write(_epoch_line(record, cfg.num_epochs))
         results = self.finish(records, pass_out, time.perf_counter() - t_start)
         return results
+
+    def _warn_unrouted_classes(self, epoch, p_clean):
+        """Warn (and return True) when the clean probabilities that route the next epoch leave whole
+        classes without a likely-clean sample: the failure docs/results.md found on banking77."""
+        lost = metrics.classes_without_likely_clean(p_clean.cpu().numpy(), self.train.labels.numpy())
+        if not lost:
+            return False
+        names = [self.label_names[k] for k in lost[:5]] + (["..."] if len(lost) > 5 else [])
+        classes = len(np.unique(self.train.labels.numpy()))
+        fix = "" if self.cfg.classwise_losses else "; --classwise-losses centres the losses per class against it"
+        warnings.warn(f"epoch {epoch + 1}: {len(lost)} of {classes} classes have no sample whose clean probability "
+                      f"is above 0.5 ({', '.join(names)}): the adapters will see few of their samples and may stop "
+                      f"learning them{fix}", UserWarning, stacklevel=2)
+        return True
 
     def _noisy(self):
         return bool((~self.clean_mask).any())
@@ -594,7 +613,8 @@ class Run:
         final = self.out / ("model" if self.cfg.method == "full" else "adapter")
         tmp = Path(tempfile.mkdtemp(dir=self.out, prefix=".model."))
         if self.cfg.method == "full":
-            self.model.save_pretrained(str(tmp))
+            with quiet_transformers():  # no "Writing model shards" bar, which --no-progress did not stop
+                self.model.save_pretrained(str(tmp))
         else:
             save_peft_adapter(self.model, self.router, self.model_path, tmp, self.cfg)
         io.write_json(tmp / "labels.json", {"label_names": self.label_names, "base_model": self.model_path})

@@ -195,6 +195,10 @@ def test_malformed_files_and_arguments(tmp_path):
     (tmp_path / "broken.jsonl").write_text('{"text": "a", "label": 1}\n{"text": \n')
     with pytest.raises(ValueError, match=r"broken.jsonl: line 2 is not valid JSON"):
         load_dataset(train_file=tmp_path / "broken.jsonl", test_file=good)
+    for name, text in (("one_line.json", '[{"text": "a", "label": 1}]\n'), ("pretty.json", '[\n  {"text": "a"}\n]\n')):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=rf"{name}: line 1 .*one object per line, not one array"):
+            load_dataset(train_file=tmp_path / name, test_file=good)
     (tmp_path / "data.parquet").write_text("x")
     with pytest.raises(ValueError, match=r"unsupported file type '.parquet'"):
         load_dataset(train_file=tmp_path / "data.parquet", test_file=good)

@@ -39,7 +39,7 @@ def test_predictions_are_the_runs_own(trained, toy_files, tmp_path, method, caps
     with torch.no_grad():
         want = run.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.softmax(-1)
 
-    texts, _ = read_texts(toy_files / "test.csv")
+    texts, _, _ = read_texts(toy_files / "test.csv")
     clf = TrainedClassifier.from_run(out, device="cpu")
     got = clf.predict_proba(texts, batch_size=7)  # batches sorted by length, put back in order
     np.testing.assert_allclose(got, want.numpy(), atol=1e-5)
@@ -65,7 +65,7 @@ def test_text_files_probabilities_and_the_adapter_folder_itself(trained, tmp_pat
     src.write_text(f"{WORDS[2]}\n\n{WORDS[0]} filler\n")
     assert main([str(out / "adapter"), str(src), "--all-probabilities", "--no-progress"]) == 0
     rows = read_rows(tmp_path / "new.predictions.csv")  # the default output: beside the input
-    assert [r["row"] for r in rows] == ["1", "2"] and "given_label" not in rows[0]
+    assert [r["row"] for r in rows] == ["1", "3"] and "given_label" not in rows[0]  # line numbers
     probs = np.array([[float(r[f"p_class_{k}"]) for k in range(4)] for r in rows])
     np.testing.assert_allclose(probs.sum(1), 1, atol=1e-5)
     assert [r["predicted_label"] for r in rows] == [f"class_{k}" for k in probs.argmax(1)]
@@ -98,6 +98,9 @@ def test_given_labels_unknown_or_missing(trained, tmp_path, capsys):
     ("output_is_input", "is the input file"),
     ("bad_max_length", "--max-length must be at least 1"),
     ("bad_device", "unknown device 'tpu'"),
+    ("bad_batch_size", "--batch-size must be at least 1"),
+    ("output_is_a_folder", "is a folder: name a file"),
+    ("input_is_a_folder", "is a folder"),
 ])
 def test_mistakes_are_one_clear_message(trained, toy_files, tmp_path, capsys, case, message):
     out, _ = trained["clear-lora"]
@@ -113,7 +116,10 @@ def test_mistakes_are_one_clear_message(trained, toy_files, tmp_path, capsys, ca
             "txt_with_labels": [str(out), str(txt), "--label-column", "label"],
             "output_is_input": [str(out), test_csv, "--output", test_csv, "--overwrite"],
             "bad_max_length": [str(out), test_csv, "--max-length", "0", "--output", str(tmp_path / "p.csv")],
-            "bad_device": [str(out), test_csv, "--device", "tpu", "--output", str(tmp_path / "p.csv")]}[case]
+            "bad_device": [str(out), test_csv, "--device", "tpu", "--output", str(tmp_path / "p.csv")],
+            "bad_batch_size": [str(out), test_csv, "--batch-size", "0", "--output", str(tmp_path / "p.csv")],
+            "output_is_a_folder": [str(out), test_csv, "--output", str(unfinished), "--overwrite"],
+            "input_is_a_folder": [str(out), str(unfinished), "--output", str(tmp_path / "p.csv")]}[case]
     before = sorted(p.name for p in tmp_path.iterdir())
     assert main(argv + ["--no-progress"]) == 2
     assert message in capsys.readouterr().err
@@ -128,3 +134,24 @@ def test_python_api_refuses_what_is_not_a_list_of_texts(trained):
         clf.predict_proba(["a", 3])
     assert clf.predict([WORDS[0], WORDS[3]]) == [clf.label_names[k] for k in
                                                 clf.predict_proba([WORDS[0], WORDS[3]]).argmax(-1)]
+
+
+def test_columns_default_to_the_runs_and_long_texts_are_cut_to_the_model(trained, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained["clear-lora"][0], run)
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "text_column": "sentence", "label_column": "intent"}))
+    src = tmp_path / "new.tsv"
+    src.write_text(f"sentence\tintent\n{WORDS[1]}\tclass_1\n{' '.join([WORDS[0]] * 100)}\tclass_0\n")
+    # 300+ tokens, --max-length 600: the tiny model has 80 positions
+    assert main([str(run), str(src), "--max-length", "600", "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "warning: --max-length 600 is more than this model takes: texts are cut at 80 tokens" in captured.err
+    assert " of 2 agree" in captured.out
+    rows = read_rows(tmp_path / "new.predictions.csv")
+    assert [r["given_label"] for r in rows] == ["class_1", "class_0"]
+    src.write_text(f"sentence\n{WORDS[1]}\n")  # no labels: said, not an error
+    assert main([str(run), str(src), "--no-progress", "--overwrite"]) == 0
+    assert "no column 'intent'" in capsys.readouterr().out

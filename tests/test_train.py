@@ -151,6 +151,44 @@ def test_own_files_keep_their_labels_and_per_sample_csv_claims_no_truth(tiny_mod
     assert {(r["text"], r["observed_label"]) for r in rows} == given, "the labels must be the file's"
 
 
+def test_max_length_beyond_the_model_is_cut_to_it_with_a_warning(tiny_models, toy_files, tmp_path, capsys):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from clear_fast.model import text_length_limit
+
+    limits = {}
+    for arch in ("bert", "roberta"):
+        model = AutoModelForSequenceClassification.from_pretrained(tiny_models[arch], num_labels=2)
+        limits[arch] = text_length_limit(model, AutoTokenizer.from_pretrained(tiny_models[arch]))
+    assert limits == {"bert": 80, "roberta": 79}  # 80 positions; RoBERTa's start after padding_idx 0
+    long_file = tmp_path / "train.csv"
+    long_file.write_text((toy_files / "train.csv").read_text() + " ".join(["alpha"] * 300) + ",class_0\n")
+    args = cli(tiny_models["roberta"], toy_files, tmp_path / "o", "--num-epochs", "1", "--warmup-epochs", "0",
+               "--no-plots", "--no-save-adapter", "--train-file", str(long_file), "--max-length", "400")
+    assert main(args) == 0
+    warning = "warning: --max-length 400 is more than this model takes: texts are cut at 79 tokens"
+    assert warning in capsys.readouterr().err
+
+
+def test_classes_without_a_likely_clean_sample_are_warned_of_once(tiny_models, toy_files, tmp_path, monkeypatch):
+    from clear_fast import metrics, trainer
+
+    assert metrics.classes_without_likely_clean([0.9, 0.2, 0.6, 0.1, 0.4], [0, 1, 2, 1, 3]) == [1, 3]
+    assert metrics.classes_without_likely_clean([0.9, 0.7], [0, 1]) == []
+    run = Run(parse_config(cli(tiny_models["bert"], toy_files, tmp_path / "o", "--num-epochs", "4",
+                               "--warmup-epochs", "1", "--no-plots", "--no-save-adapter")))
+    real = trainer.clean_probability
+
+    def class_1_looks_noisy(losses, **kw):
+        p, gmm = real(losses, **kw)
+        return torch.where(run.train.labels.to(p.device) == 1, 0.1, 0.9).to(p.dtype), gmm
+    monkeypatch.setattr(trainer, "clean_probability", class_1_looks_noisy)
+    with pytest.warns(UserWarning, match=r"epoch 1: 1 of 4 classes have no sample whose clean probability is "
+                                         r"above 0.5 \(class_1\).*--classwise-losses") as caught:
+        run.run()
+    assert sum("clean probability is above" in str(w.message) for w in caught) == 1, "once a run"
+
+
 def test_consistency_loss_matches_its_formula():
     torch.manual_seed(1)
     z, t, T = torch.randn(8, 5), torch.randn(8, 5), 2.0
@@ -476,7 +514,7 @@ def test_overwrite_touches_nothing_until_loaded_then_removes_every_output(tiny_m
     # a new run with --overwrite and fewer outputs leaves none of the old run's, and the user's file
     assert main(cli(tiny_models["bert"], toy_files, out, "--num-epochs", "1", "--overwrite", "--no-plots",
                     "--no-save-adapter")) == 0
-    final = capsys.readouterr().out.splitlines()[-1]
+    final = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("outputs in"))
     assert "results.json" in final and "plots/" not in final and "adapter/" not in final
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.json", "metrics.jsonl", "noise.json",
                                                      "notes.txt", "per_sample.csv", "results.json"]
@@ -567,13 +605,13 @@ def test_model_loading_is_quiet_and_restores_transformers_settings():
 
     from transformers.utils import logging as hf_logging
 
-    from clear_fast.model import _quiet_transformers
+    from clear_fast.model import quiet_transformers
 
     hf_logging.enable_progress_bar()
     before = hf_logging.get_verbosity()
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        with _quiet_transformers():
+        with quiet_transformers():
             assert not hf_logging.is_progress_bar_enabled()
             warnings.warn("`is_gradient_checkpointing` is deprecated", FutureWarning)
         warnings.warn("another warning", FutureWarning)
