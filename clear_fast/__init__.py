@@ -13,6 +13,8 @@ _EXPORTS = {
     "clean_probability": "clear_fast.mixture",
     "clear_loss": "clear_fast.losses",
     "TrainedClassifier": "clear_fast.predict",
+    "inject_routed_lora": "clear_fast.model",
+    "Router": "clear_fast.model",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -130,8 +130,9 @@ def default_target_modules(model):
     return list(peft_targets.get(model_type) or _EXTRA_TARGETS.get(model_type) or ["query", "value"])
 
 
-def inject_routed_lora(model, target_modules, r, lora_alpha, lora_dropout=0.0):
-    """Replace every nn.Linear whose last name component is a target by RoutedLoRALinear.
+def inject_routed_lora(model, target_modules=None, r=4, lora_alpha=1, lora_dropout=0.0):
+    """Replace every nn.Linear whose last name component is a target (None: peft's default targets for
+    the model type) by RoutedLoRALinear; the defaults of r and lora_alpha are the released code's.
 
     Freezes everything but the adapters and the head. Returns the Router of the new modules.
     """
@@ -212,6 +213,23 @@ class Router:
         for m, modules in zip(rows, self.layers):
             for module in modules:
                 object.__setattr__(module, "routing_mask", m)
+
+    def route(self, p_route, generator=None):
+        """Draw each sample's mask for every layer, sample i passing a layer's adapters with
+        probability p_route[i] (CleaR: gamma * p_clean), and set them for the next forward; None routes
+        every sample. Returns the masks [batch, layers] (None for None)."""
+        if p_route is None:
+            self.set_masks(None)
+            return None
+        if not isinstance(p_route, torch.Tensor) or p_route.dim() != 1 or not p_route.is_floating_point():
+            raise ValueError("p_route must be a 1-D floating-point tensor of per-sample probabilities, got "
+                             + (f"shape {tuple(p_route.shape)}, {p_route.dtype}" if isinstance(p_route, torch.Tensor)
+                                else type(p_route).__name__))
+        if not bool(((p_route >= 0) & (p_route <= 1)).all()):  # NaN fails too
+            raise ValueError("p_route must hold probabilities in [0, 1]")
+        masks = draw_routing_masks(p_route, self.num_layers, generator)
+        self.set_masks(masks)
+        return masks
 
     def modules(self):
         return [m for ms in self.layers for m in ms]

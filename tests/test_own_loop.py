@@ -1,0 +1,87 @@
+"""CleaR in a training loop of one's own: inject_routed_lora, Router.route, clean_probability, clear_loss
+(the README's "In your own training loop")."""
+import copy
+
+import pytest
+import torch
+
+from clear_fast import Router, clean_probability, clear_loss, inject_routed_lora
+
+
+@pytest.fixture
+def model_and_batch(tiny_models):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_models["bert"], num_labels=4,
+                                                               ignore_mismatched_sizes=True)
+    tok = AutoTokenizer.from_pretrained(tiny_models["bert"])
+    batch = tok(["alpha apple", "bravo banana blue", "charlie", "delta date dune delta"], padding=True,
+                return_tensors="pt")
+    return model, dict(batch), torch.tensor([0, 1, 2, 3])
+
+
+def test_bypassed_samples_see_the_frozen_encoder_and_routed_ones_the_adapted(model_and_batch):
+    model, batch, labels = model_and_batch
+    frozen = copy.deepcopy(model).eval()
+    router = inject_routed_lora(model)  # peft's targets for BERT, the released r and alpha
+    assert isinstance(router, Router) and router.num_layers == 2
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or n.startswith("classifier.") for n in trainable)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    router.route(torch.ones(4))  # B starts at zero: one step makes the adapters matter
+    loss, per_sample = clear_loss(model(**batch).logits, labels)
+    loss.backward()
+    opt.step()
+    assert per_sample.shape == (4,)
+
+    model.eval()
+    hidden = lambda m: m.bert(**batch).last_hidden_state
+    with torch.no_grad():
+        router.route(None)
+        adapted = hidden(model)
+        router.route(torch.tensor([1.0, 0.0, 1.0, 0.0]))
+        mixed = hidden(model)
+        plain = hidden(frozen)
+    assert not torch.allclose(adapted, plain, atol=1e-4), "the adapters must have learnt something"
+    assert torch.equal(mixed[[1, 3]], plain[[1, 3]]), "bypassed samples: exactly the frozen encoder"
+    torch.testing.assert_close(mixed[[0, 2]], adapted[[0, 2]])
+
+
+def test_route_draws_per_sample_per_layer_masks_and_refuses_what_is_not_probabilities(model_and_batch):
+    model, _, _ = model_and_batch
+    router = inject_routed_lora(model, r=2)
+    masks = router.route(torch.tensor([0.0, 1.0, 0.0]), generator=torch.Generator().manual_seed(0))
+    assert masks.tolist() == [[False, False], [True, True], [False, False]]
+    assert all(torch.equal(m.routing_mask, torch.tensor([0.0, 1.0, 0.0])) for m in router.modules())
+    assert router.route(None) is None and all(m.routing_mask is None for m in router.modules())
+    for bad, message in ((torch.ones(2, 3), "1-D"), (torch.ones(3, dtype=torch.long), "floating-point"),
+                         ([0.5, 0.5], "list"), (torch.tensor([0.5, 1.5]), r"\[0, 1\]"),
+                         (torch.tensor([0.5, float("nan")]), r"\[0, 1\]")):
+        with pytest.raises(ValueError, match=message):
+            router.route(bad)
+
+
+def test_the_readme_loop_runs_warm_up_then_routes_by_clean_probability(model_and_batch):
+    model, batch, labels = model_and_batch
+    router = inject_routed_lora(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    gamma, p_clean, teacher = 0.85, None, None
+    routed_fractions = []
+    for epoch in range(3):
+        model.train()
+        p_route = torch.full((4,), gamma) if p_clean is None else gamma * p_clean
+        masks = router.route(p_route)
+        routed_fractions.append(masks.float().mean().item())
+        loss, _ = clear_loss(model(**batch).logits, labels, teacher)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        model.eval()
+        teacher = torch.zeros(4, 4)
+        with torch.no_grad():  # the clean-probability pass: 2 ensemble passes over the training set
+            for _ in range(2):
+                router.route(torch.full((4,), gamma))
+                teacher += model(**batch).logits / 2
+        p_clean, _ = clean_probability(torch.nn.functional.cross_entropy(teacher, labels, reduction="none"))
+        assert p_clean.shape == (4,) and bool(((p_clean >= 0) & (p_clean <= 1)).all())
+    assert len(routed_fractions) == 3
