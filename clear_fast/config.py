@@ -20,6 +20,7 @@ ROUTED_METHODS = ("clear-lora", "oracle-lora")  # those that route by a clean pr
 EVAL_ROUTING = ("all-on", "stochastic")
 HEAD_ROUTING = ("all", "routed")
 CLEAN_PROB_SOURCES = ("pass", "train-steps")
+KEEP_MODEL = ("last", "best-dev")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 # Learning rates chosen per method family (see README "Defaults"); --learning-rate overrides.
@@ -105,7 +106,11 @@ class TrainConfig:
     output_dir: str = _f("runs/default", "where outputs go")
     overwrite: bool = _f(False, "replace an existing run in --output-dir")
     resume: bool = _f(False, "continue the run in --output-dir from its last checkpoint")
-    save_adapter: bool = _f(True, "save the trained adapter and head (peft format) at the end")
+    save_adapter: bool = _f(True, "save the trained adapter and head (peft format; the model itself for "
+                            "--method full)")
+    keep_model: str = _f("last", "the model saved: last (after the last epoch) | best-dev (after the epoch of "
+                         "best dev accuracy, the first of ties, as results.json's dev_selected_test_accuracy; "
+                         "needs a dev split)")
     plots: bool = _f(True, "write PNG plots")
     progress: bool = _f(True, "progress bars")
 
@@ -189,6 +194,10 @@ class TrainConfig:
             bad.append("--train-file needs --test-file")
         if self.overwrite and self.resume:
             bad.append("--overwrite and --resume contradict each other: choose one")
+        if self.keep_model not in KEEP_MODEL:
+            bad.append(f"--keep-model {self.keep_model!r} is not one of {', '.join(KEEP_MODEL)}")
+        elif self.keep_model == "best-dev" and not self.save_adapter:
+            bad.append("--keep-model best-dev with --no-save-adapter keeps nothing: drop one of them")
         if bad:
             raise UserError("invalid configuration:\n  " + "\n  ".join(bad))
         if self.method in ROUTED_METHODS and self.warmup_epochs >= self.num_epochs:

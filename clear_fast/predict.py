@@ -28,9 +28,10 @@ from .data import read_texts
 class TrainedClassifier:
     """A trained run's classifier: texts in, class probabilities out (label_names[k] is class k)."""
 
-    def __init__(self, model, tokenizer, label_names, max_length, device):
+    def __init__(self, model, tokenizer, label_names, max_length, device, epoch=None):
         self.model, self.tokenizer = model.to(device).eval(), tokenizer
         self.label_names, self.max_length, self.device = list(label_names), max_length, device
+        self.epoch = epoch  # the training epoch after which the model was saved (None: not recorded)
 
     @classmethod
     def from_run(cls, run_dir, device="auto", max_length=None):
@@ -73,7 +74,7 @@ class TrainedClassifier:
             except (OSError, ValueError) as e:
                 raise UserError(f"cannot load the fine-tuned model in {saved} (tokenizer from {base}): {e}") from None
             max_length = usable_max_length(max_length, model, tokenizer)
-        return cls(model, tokenizer, names, max_length, device)
+        return cls(model, tokenizer, names, max_length, device, labels.get("epoch"))
 
     @torch.inference_mode()
     def predict_proba(self, texts, batch_size=128, progress=False):
@@ -190,7 +191,8 @@ def _main(args):
     p = clf.predict_proba(texts, args.batch_size, args.progress)
     ids = None if given is None else _given_ids(given, clf.label_names)
     io.write_text(output, _table(texts, rows, given, ids, p, clf.label_names, args.all_probabilities))
-    print(f"predicted {len(texts)} text(s): {output}")
+    print(f"predicted {len(texts)} text(s)" + (f" with the model of epoch {clf.epoch}" if clf.epoch else "")
+          + f": {output}")
     if given is not None:
         _report_given(given, ids, p, len(clf.label_names))
     elif source.suffix.lower() != ".txt":

@@ -213,6 +213,8 @@ class Run:
         tok = lambda s: (Tokenized.from_texts(tokenizer, s.texts, s.labels, max_length, cfg.pad_to_multiple_of)
                          if s is not None else None)
         self.train, self.dev, self.test = tok(self.train_split), tok(dev_split), tok(test_split)
+        if cfg.keep_model == "best-dev" and self.dev is None:
+            raise UserError(f"--keep-model best-dev needs a dev split: {self.data_name} has none (give --dev-file)")
         self.true_labels = self.train.labels.clone()
 
         features = None
@@ -498,6 +500,7 @@ class Run:
             pass_out = ck.get("last_pass")
             print(f"resuming {self.out} after epoch {start} of {cfg.num_epochs}")
         clean_t = torch.as_tensor(self.clean_mask, dtype=torch.float32, device=self.device)
+        best_dev = max((r["dev_accuracy"] for r in records), default=-1.0)  # --keep-model best-dev
         warned = False  # about classes without a likely-clean sample: once a run
         bar = tqdm(range(start, cfg.num_epochs), desc=f"{cfg.method} on {self.data_name}", disable=not cfg.progress)
         for epoch in bar:
@@ -533,6 +536,9 @@ class Run:
                                      f"{cfg.method}, epoch {epoch + 1}: per-sample training loss")
                 plots.curves(records, self.out / "plots" / "curves.png",
                              f"{cfg.method} on {self.data_name}, {cfg.noise_type} noise {cfg.noise_rate}")
+            if cfg.keep_model == "best-dev" and dev_acc > best_dev:  # saved before the checkpoint: a resumed
+                best_dev = dev_acc                                     # run never lacks it
+                self.save_model(epoch)
             self.save_checkpoint(epoch, {"p_clean": p_clean, "teacher": teacher, "last_pass": pass_out})
             tqdm.write(_epoch_line(record, cfg.num_epochs))
         results = self.finish(records, pass_out, time.perf_counter() - t_start)
@@ -589,7 +595,11 @@ class Run:
                         "wall_time_s": round(wall, 1), "epoch_time_s": [r["epoch_s"] for r in records]})
         self.write_per_sample(pass_out)
         if cfg.save_adapter:
-            results["model_dir"] = str(self.save_model())
+            if cfg.keep_model == "last":
+                self.save_model(len(records) - 1)
+            final = self.saved_model_dir()
+            results["model_dir"] = str(final)
+            results["model_epoch"] = json.loads((final / "labels.json").read_text())["epoch"]
         io.write_json(self.out / "results.json", results)
         return results
 
@@ -607,17 +617,23 @@ class Run:
                         self.train_split.texts[i]])
         io.write_text(self.out / "per_sample.csv", buf.getvalue())
 
-    def save_model(self):
+    def saved_model_dir(self):
+        return self.out / ("model" if self.cfg.method == "full" else "adapter")
+
+    def save_model(self, epoch):
+        """The model as it is after epoch (0-based) into adapter/ (model/ for full fine-tuning), whole
+        or not at all."""
         import tempfile
 
-        final = self.out / ("model" if self.cfg.method == "full" else "adapter")
+        final = self.saved_model_dir()
         tmp = Path(tempfile.mkdtemp(dir=self.out, prefix=".model."))
         if self.cfg.method == "full":
             with quiet_transformers():  # no "Writing model shards" bar, which --no-progress did not stop
                 self.model.save_pretrained(str(tmp))
         else:
             save_peft_adapter(self.model, self.router, self.model_path, tmp, self.cfg)
-        io.write_json(tmp / "labels.json", {"label_names": self.label_names, "base_model": self.model_path})
+        io.write_json(tmp / "labels.json", {"label_names": self.label_names, "base_model": self.model_path,
+                                            "epoch": epoch + 1})
         io.replace_dir(tmp, final)
         return final
 

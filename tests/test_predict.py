@@ -9,6 +9,7 @@ import torch
 from clear_fast.config import parse_config
 from clear_fast.data import read_texts
 from clear_fast.predict import TrainedClassifier, main
+from clear_fast.train import main as train_main
 from clear_fast.trainer import Run
 from conftest import WORDS, cli
 
@@ -155,3 +156,43 @@ def test_columns_default_to_the_runs_and_long_texts_are_cut_to_the_model(trained
     src.write_text(f"sentence\n{WORDS[1]}\n")  # no labels: said, not an error
     assert main([str(run), str(src), "--no-progress", "--overwrite"]) == 0
     assert "no column 'intent'" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_keep_model_best_dev_saves_the_dev_selected_epochs_model(tiny_models, toy_files, tmp_path, method,
+                                                                 monkeypatch):
+    # The dev accuracies the run sees peak at epoch 3 of 4 (the tiny model's own rise to the last epoch).
+    real_dev, seen = [], iter([0.1, 0.2, 0.9, 0.3])
+    evaluate = Run.evaluate
+
+    def evaluate_with_a_peak(self, split):
+        acc = evaluate(self, split)
+        if split is not None and split is self.dev:
+            real_dev.append(acc)
+            return next(seen)
+        return acc
+    monkeypatch.setattr(Run, "evaluate", evaluate_with_a_peak)
+    out = tmp_path / "run"
+    args = cli(tiny_models["bert"], toy_files, out, "--method", method, "--num-epochs", "4", "--no-plots",
+               "--keep-model", "best-dev", "--learning-rate", "3e-2" if method == "lora" else "1e-3")
+    assert train_main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["model_epoch"] == results["dev_selected_epoch"] == 3
+    assert real_dev[2] != real_dev[3], "the test needs epochs 3 and 4 to differ on dev"
+    texts, labels, _ = read_texts(toy_files / "dev.csv")
+    clf = TrainedClassifier.from_run(out, device="cpu")
+    assert clf.epoch == 3
+    saved = np.mean([p == y for p, y in zip(clf.predict(texts), labels)])
+    assert saved == pytest.approx(real_dev[2]), "the saved model must be epoch 3's, not the last"
+
+
+def test_keep_model_best_dev_needs_a_dev_split_and_a_saved_model(tiny_models, toy_files, tmp_path, capsys):
+    no_dev = [a for a in cli(tiny_models["bert"], toy_files, tmp_path / "a", "--keep-model", "best-dev")]
+    i = no_dev.index("--dev-file")
+    del no_dev[i:i + 2]
+    assert train_main(no_dev) == 2
+    assert "--keep-model best-dev needs a dev split" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists(), "a failed start writes nothing"
+    assert train_main(cli(tiny_models["bert"], toy_files, tmp_path / "b", "--keep-model", "best-dev",
+                          "--no-save-adapter")) == 2
+    assert "keeps nothing" in capsys.readouterr().err
