@@ -47,7 +47,8 @@ class TrainConfig:
     test_file: str = _f(None, "local test file (required with --train-file)")
     text_column: str = _f("text", "text column of local files")
     label_column: str = _f("label", "label column of local files")
-    max_train_samples: int = _f(2000, "stratified, seeded subset of the training set (0 = all)")
+    max_train_samples: int = _f(None, "stratified, seeded subset of the training set (0 = all) (default: 2000 "
+                                "on a built-in dataset, all of your own files or a hub dataset)")
     max_eval_samples: int = _f(0, "stratified, seeded subset of dev and test (0 = all)")
     data_seed: int = _f(0, "seed of the training / evaluation subsets (the same for every method)")
     # label noise
@@ -128,13 +129,15 @@ class TrainConfig:
             d["target_modules"] = list(d["target_modules"])
         return d
 
-    def _default_noise(self):
-        """Noise is for experiments on benchmark data: injected by default into a built-in dataset
-        only, never silently into the user's own labels (files, hub datasets)."""
+    def _data_defaults(self):
+        """Injected noise and a small training subset are for experiments on benchmark data: the
+        defaults on a built-in dataset only, never silently on the user's own data (files, hub datasets)."""
         from .data import BUILTIN_DATASETS
 
+        builtin = not self.train_file and str(self.dataset).lower() in BUILTIN_DATASETS
+        if self.max_train_samples is None:
+            self.max_train_samples = 2000 if builtin else 0
         if self.noise_type is None:
-            builtin = not self.train_file and str(self.dataset).lower() in BUILTIN_DATASETS
             self.noise_type = "symmetric" if builtin or self.noise_rate is not None else "none"
         if self.noise_rate is None:
             self.noise_rate = 0.0 if self.noise_type == "none" else 0.4
@@ -148,7 +151,7 @@ class TrainConfig:
     def validate(self):
         """Fill in the defaults that depend on other settings; raise ValueError naming every bad
         setting at once."""
-        self._default_noise()
+        self._data_defaults()
         bad = []
         if self.method not in METHODS:
             bad.append(f"--method {self.method!r} is not one of {', '.join(METHODS)}")

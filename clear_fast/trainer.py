@@ -228,6 +228,7 @@ class Run:
         self.noise_info = dict(noise.info)
         self.clean_mask = np.asarray(noise.clean_mask, dtype=bool)
         self.train.labels = torch.as_tensor(noise.noisy_labels, dtype=torch.long)
+        print(self._data_line(len(data.train)))
 
         if cfg.method == "full":
             self.router = None
@@ -238,6 +239,18 @@ class Run:
                                              cfg.lora_dropout)
             self.model.to(self.device)
         self.attach_model(self.model, self.router)
+
+    def _data_line(self, available):
+        """What the run trains on, said once at its start: the subset and the noise are the two
+        settings whose defaults differ between built-in datasets and the user's own data."""
+        cfg, n = self.cfg, len(self.train)
+        subset = f" of {available} (a stratified subset: --max-train-samples 0 for all)" if n < available else ""
+        if cfg.noise_type == "none" or cfg.noise_rate == 0:
+            noise = "labels as given (no noise injected)"
+        else:
+            noise = f"{cfg.noise_type} noise {cfg.noise_rate:g} injected: {int((~self.clean_mask).sum())} labels flipped"
+        sizes = ", ".join(f"{name} {len(s)}" for name, s in (("dev", self.dev), ("test", self.test)) if s is not None)
+        return f"{self.data_name}: {len(self.label_names)} classes, training on {n}{subset}, {sizes}; {noise}"
 
     def attach_model(self, model, router):
         """Train this model (its LoRA layers driven by router; None for full fine-tuning): the head

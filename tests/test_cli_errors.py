@@ -144,6 +144,9 @@ FILES = ["--train-file", "train.csv", "--test-file", "test.csv"]
 def test_noise_is_injected_by_default_only_into_built_in_datasets(flags, want):
     cfg = parse_config(flags)
     assert (cfg.noise_type, cfg.noise_rate) == want
+    builtin = "--train-file" not in flags and "ag_news" not in flags
+    assert cfg.max_train_samples == (2000 if builtin else 0), "a subset by default only of built-in data"
+    assert parse_config(flags + ["--max-train-samples", "300"]).max_train_samples == 300
 
 
 def test_routed_method_with_only_warm_up_epochs_warns():
