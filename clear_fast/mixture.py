@@ -332,7 +332,8 @@ class GaussianMixture1D:
     on x's device. numpy in -> numpy out; torch in -> torch out (float64) on x's device. Fitted
     attributes follow the type of the data given to fit: means_ [K], variances_ [K], covariances_
     [K, 1, 1] (sklearn's shape), weights_ [K]; converged_, n_iter_, lower_bound_ (python scalars).
-    Unlike sklearn, means_ is 1-D. backend: "torch", "triton" (fused kernel; CUDA tensors, or CPU
+    Unlike sklearn, means_ is 1-D, and random_state defaults to 0 (sklearn's to None): the same fit
+    every call. backend: "torch", "triton" (fused kernel; CUDA tensors, or CPU
     tensors under TRITON_INTERPRET=1) or "auto" (triton for CUDA tensors, else torch).
     """
 
@@ -445,6 +446,7 @@ def class_medians(values, labels):
     return values[order][starts + (counts - 1) // 2][labels]
 
 
+@_one_thread  # it calls the mixture's internals, which the public methods' wrapper does not cover
 def clean_probability(losses, normalize=False, labels=None, **gmm_options):
     """CleaR's clean probability: posterior of the smaller-mean component of a 2-component
     GaussianMixture1D(**gmm_options) fitted to the per-sample losses.
