@@ -374,6 +374,12 @@ class RoutedLoRALinear(nn.Module):
     used (set it before calling a whole model whose code calls the layer with one argument);
     when that is None too, every row is routed. lora_dropout applies to the LoRA input only, in
     training mode. While merged (merge()), forward is the merged linear and ignores any mask.
+
+    cache_frozen_cast (off by default): under autocast, keep the frozen weight and bias cast to
+    autocast's dtype from call to call while their storage and version counter are unchanged,
+    where autocast casts them at every call (a launch and a pass over W each). Off because an edit
+    through `.data` does not bump the version counter, so the kept cast would go stale without a
+    word; the CLI's trainer, which owns its model, turns it on.
     """
 
     def __init__(self, in_features, out_features, r=8, lora_alpha=8, lora_dropout=0.0, bias=True,
@@ -402,6 +408,7 @@ class RoutedLoRALinear(nn.Module):
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.routing_mask = None
         self.merged = False
+        self.cache_frozen_cast = False
         self._frozen_cast = None  # (key, weight, bias) in autocast's dtype; see _frozen_in
         self.reset_parameters()
 
@@ -441,7 +448,7 @@ class RoutedLoRALinear(nn.Module):
         dropout = self._modules["lora_dropout"]
         x_lora = dropout(x) if self.training and isinstance(dropout, nn.Dropout) else None
         autocast = isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type)
-        if autocast:
+        if autocast and self.cache_frozen_cast:
             weight, bias = self._frozen_in(torch.get_autocast_dtype(x.device.type))
         return _routed_lora_linear(x, weight, bias, lora_A, lora_B, self.scaling, mask, x_lora, "auto", autocast)
 

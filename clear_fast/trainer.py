@@ -258,6 +258,8 @@ class Run:
         model and splits of their own."""
         cfg = self.cfg
         self.model, self.router = model, router
+        for module in router.modules() if router is not None else ():
+            module.cache_frozen_cast = True  # the run owns the model: nothing edits its frozen weights
         self.head_shield = HeadShield(model) if cfg.head_routing == "routed" and self.routed else None
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         # On CUDA the fused AdamW: one launch per step for all parameters (foreach takes about 8,

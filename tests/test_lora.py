@@ -581,6 +581,15 @@ def test_autocast_casts_the_frozen_weight_once_while_it_is_unchanged():
     x = torch.randn(3, 5, 16)
     m = torch.tensor([1.0, 0.0, 1.0])
     bf = torch.bfloat16
+    assert not layer.cache_frozen_cast  # by default autocast's own cast at every call: .data edits are seen
+    with torch.autocast("cpu", dtype=bf):
+        before = layer(x, m)
+        layer.weight.data.mul_(0)
+        layer.bias.data.zero_()
+        after = layer(x, m)
+        assert not torch.equal(before, after) and layer._frozen_cast is None
+        layer.reset_parameters()
+    layer.cache_frozen_cast = True
 
     def step(layer):
         xg = x.clone().requires_grad_()
