@@ -113,9 +113,13 @@ def layer_index(module_name):
 
 
 def head_module_names(model):
-    """Top-level children outside the backbone: the classification head (peft's modules_to_save)."""
+    """Top-level children outside the backbone: the classification head (peft's modules_to_save).
+    None for a model that is a backbone itself (no child named by its base_model_prefix)."""
     prefix = getattr(model, "base_model_prefix", None)
-    return [n for n, m in model.named_children() if n != prefix and any(True for _ in m.parameters())]
+    children = dict(model.named_children())
+    if prefix not in children:
+        return []
+    return [n for n, m in children.items() if n != prefix and any(True for _ in m.parameters())]
 
 
 # peft's defaults for model types it does not list, or lists under other names.
@@ -126,38 +130,64 @@ def default_target_modules(model):
     """peft's default LoRA targets for this model type (query and value projections)."""
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as peft_targets
 
-    model_type = getattr(model.config, "model_type", "")
+    model_type = getattr(getattr(model, "config", None), "model_type", "")
     return list(peft_targets.get(model_type) or _EXTRA_TARGETS.get(model_type) or ["query", "value"])
 
 
 def inject_routed_lora(model, target_modules=None, r=4, lora_alpha=1, lora_dropout=0.0):
-    """Replace every nn.Linear whose last name component is a target (None: peft's default targets for
-    the model type) by RoutedLoRALinear; the defaults of r and lora_alpha are the released code's.
+    """Replace the target nn.Linear modules by RoutedLoRALinear, as peft matches targets: a list of
+    names, each matching a module whose dotted name is it or ends with "." + it (None: peft's
+    default targets for the model type), or one string, a regular expression the whole dotted name
+    must match. r and lora_alpha default to the released code's. Adapters of a float16 / bfloat16
+    model are kept in float32, as peft's are (updates would round away in half precision).
 
-    Freezes everything but the adapters and the head. Returns the Router of the new modules.
+    Freezes everything but the adapters and the head; the model is unchanged if anything is wrong.
+    Returns the Router of the new modules.
     """
+    present = [n for n, m in model.named_modules() if isinstance(m, RoutedLoRALinear)]
+    if present:
+        raise ValueError(f"the model already has {len(present)} routed LoRA layers ({present[0]}, ...): inject "
+                         "once, and use the Router it returned (or Router.from_model(model))")
+    if target_modules is None:
+        target_modules = default_target_modules(model)
+    elif not isinstance(target_modules, str):
+        target_modules = list(target_modules)
+        if not target_modules or not all(isinstance(t, str) and t for t in target_modules):
+            raise ValueError(f"target_modules must be module names (or one regular expression), got "
+                             f"{target_modules!r}")
     head = set(head_module_names(model))
-    targets = set(target_modules or default_target_modules(model))
-    found = []
-    for name, module in list(model.named_modules()):
-        if name.split(".")[-1] in targets and isinstance(module, nn.Linear) and name.split(".")[0] not in head:
-            found.append(name)
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.split(".")[0] not in head]
+    found = [(n, m) for n, m in linears if _is_target(n, target_modules)]
     if not found:
-        linears = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-        raise ValueError(f"no linear module named {sorted(targets)} in the model; its linear modules are "
-                         f"named: {', '.join(linears)}")
+        names = sorted({n.split(".")[-1] for n, _ in linears})
+        how = " (one string is a regular expression the whole dotted name must match, as in peft; a list " \
+              "names modules)" if isinstance(target_modules, str) else ""
+        raise ValueError(f"no linear module matches target_modules {target_modules!r}{how}; the linear modules "
+                         f"outside the head ({', '.join(sorted(head)) or 'none'}) are named: {', '.join(names)}")
+    # Everything that can fail, before the model changes.
+    indices = [layer_index(n) for n, _ in found]
+    routed = []
+    for _, linear in found:
+        layer = RoutedLoRALinear.from_linear(linear, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
+        if linear.weight.dtype in (torch.float16, torch.bfloat16):
+            layer.lora_A.data, layer.lora_B.data = layer.lora_A.data.float(), layer.lora_B.data.float()
+        routed.append(layer)
     for p in model.parameters():
         p.requires_grad_(False)
     by_layer = {}
-    for name in found:
+    for (name, _), layer, index in zip(found, routed, indices):
         parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        routed = RoutedLoRALinear.from_linear(getattr(parent, child), r=r, lora_alpha=lora_alpha,
-                                              lora_dropout=lora_dropout)
-        setattr(parent, child, routed)
-        by_layer.setdefault(layer_index(name), []).append(routed)
+        setattr(model.get_submodule(parent_name), child, layer)
+        by_layer.setdefault(index, []).append(layer)
     unfreeze_head(model)
-    return Router([by_layer[i] for i in sorted(by_layer)], found, _layer_paths(model, found, sorted(by_layer)))
+    names = [n for n, _ in found]
+    return Router([by_layer[i] for i in sorted(by_layer)], names, _layer_paths(model, names, sorted(by_layer)))
+
+
+def _is_target(name, targets):
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
 
 
 def _layer_paths(model, module_names, indices):
@@ -195,6 +225,19 @@ class Router:
         self.layers = layers
         self.module_names = module_names
         self.layer_paths = layer_paths
+
+    @classmethod
+    def from_model(cls, model):
+        """The Router of a model whose routed layers are already in place (one loaded with
+        torch.load, or a copy.deepcopy of an injected one)."""
+        found = [(n, m) for n, m in model.named_modules() if isinstance(m, RoutedLoRALinear)]
+        if not found:
+            raise ValueError("the model has no RoutedLoRALinear layers: inject_routed_lora(model) adds them")
+        by_layer = {}
+        for name, module in found:
+            by_layer.setdefault(layer_index(name), []).append(module)
+        names = [n for n, _ in found]
+        return cls([by_layer[i] for i in sorted(by_layer)], names, _layer_paths(model, names, sorted(by_layer)))
 
     @property
     def num_layers(self):

@@ -85,3 +85,49 @@ def test_the_readme_loop_runs_warm_up_then_routes_by_clean_probability(model_and
         p_clean, _ = clean_probability(torch.nn.functional.cross_entropy(teacher, labels, reduction="none"))
         assert p_clean.shape == (4,) and bool(((p_clean >= 0) & (p_clean <= 1)).all())
     assert len(routed_fractions) == 3
+
+
+def _bert(**overrides):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    return BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                    intermediate_size=64, vocab_size=100, **overrides))
+
+
+def test_injection_checks_everything_before_changing_the_model():
+    model = _bert()
+    before = {n: (type(m), tuple(p.requires_grad for p in m.parameters(recurse=False)))
+              for n, m in model.named_modules()}
+    for bad, message in ((dict(target_modules=["dense"]), "bert.pooler.dense"),  # no layer index
+                         (dict(r=0), "rank r"), (dict(target_modules=[]), "module names"),
+                         (dict(target_modules="query"), "regular expression the whole dotted name")):
+        with pytest.raises(ValueError, match=message):
+            inject_routed_lora(model, **bad)
+        assert {n: (type(m), tuple(p.requires_grad for p in m.parameters(recurse=False)))
+                for n, m in model.named_modules()} == before, f"{bad} changed the model"
+    router = inject_routed_lora(model)
+    with pytest.raises(ValueError, match="already has 4 routed LoRA layers"):
+        inject_routed_lora(model)
+    again = Router.from_model(copy.deepcopy(model))
+    assert again.module_names == router.module_names and again.layer_paths == router.layer_paths
+
+
+def test_targets_as_peft_matches_them_and_half_precision_models_get_float32_adapters():
+    from transformers import BertConfig, BertModel
+
+    names = lambda router: [n.split("encoder.")[-1] for n in router.module_names]
+    assert names(inject_routed_lora(_bert(), target_modules=["attention.self.query"])) == \
+        ["layer.0.attention.self.query", "layer.1.attention.self.query"]  # a dotted suffix
+    assert names(inject_routed_lora(_bert(), target_modules=r".*layer\.1\..*(key|value)")) == \
+        ["layer.1.attention.self.key", "layer.1.attention.self.value"]  # one string: a regex of the name
+    backbone = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                    intermediate_size=64, vocab_size=100))
+    assert inject_routed_lora(backbone).num_layers == 2  # no head: nothing excluded as one
+    half = _bert().to(torch.bfloat16)
+    router = inject_routed_lora(half)
+    layer = router.modules()[0]
+    assert layer.weight.dtype == torch.bfloat16 and layer.lora_A.dtype == layer.lora_B.dtype == torch.float32
+    router.route(torch.tensor([1.0, 0.0]))
+    half(input_ids=torch.randint(0, 100, (2, 5))).logits.float().sum().backward()
+    assert layer.lora_A.grad.dtype == torch.float32 and layer.lora_B.grad.abs().sum() > 0
