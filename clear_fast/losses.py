@@ -34,7 +34,7 @@ def clear_loss(logits, labels, teacher_logits=None, weight=1.0, temperature=1.0,
     """
     check_backend(backend)
     _check_loss_inputs(logits, labels, teacher_logits, temperature)
-    _check_weight(weight)
+    weight = _checked_weight(weight)
     labels = labels.long()  # any integer dtype; int64 as cross_entropy wants (no copy when it is)
     teacher = teacher_logits if teacher_logits is not None and weight > 0 else None
     if logits.shape[0] and use_triton(logits, backend) and not torch.compiler.is_compiling():
@@ -64,14 +64,25 @@ def _check_loss_inputs(logits, labels, teacher_logits, temperature):
                                        or teacher_logits.shape != logits.shape):
         raise ValueError(f"teacher_logits must have the logits' shape {tuple(logits.shape)}, got "
                          f"{tuple(teacher_logits.shape) if torch.is_tensor(teacher_logits) else type(teacher_logits).__name__}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    for name, t in (("labels", labels), ("teacher_logits", teacher_logits)):
+        if t is not None and t.device != logits.device:
+            raise ValueError(f"{name} are on {t.device}, the logits on {logits.device}: put them on one device")
+    if logits.shape[0] == 0:
+        raise ValueError("logits has no rows: the loss of an empty batch is undefined")
+    if not (isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
+            and 0 < temperature < float("inf")):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
 
 
-def _check_weight(weight):
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0 \
-            or weight == float("inf"):
+def _checked_weight(weight):
+    """The consistency term's weight as a Python float: a number, a numpy scalar or a 0-d tensor."""
+    if torch.is_tensor(weight) and weight.dim() == 0 and not weight.dtype == torch.bool:
+        weight = weight.item()
+    elif hasattr(weight, "dtype") and hasattr(weight, "item") and getattr(weight, "ndim", None) == 0:
+        weight = weight.item()  # a numpy scalar
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < float("inf"):
         raise ValueError(f"weight (the consistency term's) must be a finite number >= 0, got {weight!r}")
+    return float(weight)
 
 
 def _check_label_range(logits, labels):

@@ -1,5 +1,6 @@
 """The fused CleaR loss (kernels/clear_loss.py) against the torch path of clear_fast.losses.clear_loss,
 through Triton's interpreter on the CPU and compiled on a GPU when one is present."""
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -99,10 +100,18 @@ def test_loss_labels_out_of_range_raise_on_cpu_tensors():
             clear_loss(z, torch.tensor([0, bad, 1, 2]))
 
 
-@pytest.mark.parametrize("weight", [float("nan"), -1.0, float("inf"), "1", True])
+@pytest.mark.parametrize("weight", [float("nan"), -1.0, float("inf"), "1", True, torch.tensor([0.5, 0.5]),
+                                    np.array([0.5])])
 def test_loss_rejects_a_bad_consistency_weight(weight):
     with pytest.raises(ValueError, match="weight .* must be a finite number >= 0"):
         clear_loss(torch.randn(4, 3), torch.zeros(4, dtype=torch.long), torch.randn(4, 3), weight)
+
+
+def test_loss_takes_the_weight_as_a_numpy_or_tensor_scalar():
+    args = (torch.randn(4, 3), torch.zeros(4, dtype=torch.long), torch.randn(4, 3))
+    want = clear_loss(*args, 0.5)[0]
+    for weight in (np.float32(0.5), np.float64(0.5), torch.tensor(0.5)):
+        assert torch.equal(clear_loss(*args, weight)[0], want)
 
 
 @pytest.mark.parametrize("args,match", [
@@ -111,7 +120,10 @@ def test_loss_rejects_a_bad_consistency_weight(weight):
     ((torch.randn(4, 3), torch.zeros(4)), "labels must be integers"),
     ((torch.randn(4, 3), torch.zeros(4, dtype=torch.bool)), "labels must be integers"),
     ((torch.randn(4, 3), torch.zeros(4, dtype=torch.long), torch.randn(4, 2)), "teacher_logits must have"),
-    ((torch.randn(4, 3), torch.zeros(4, dtype=torch.long), None, 1.0, 0.0), "temperature must be > 0"),
+    ((torch.randn(4, 3), torch.zeros(4, dtype=torch.long), None, 1.0, 0.0), "temperature must be a finite number > 0"),
+    ((torch.randn(4, 3), torch.zeros(4, dtype=torch.long), None, 1.0, float("inf")), "temperature must be a finite"),
+    ((torch.randn(4, 3), torch.zeros(4, dtype=torch.long, device="meta")), "labels are on meta, the logits on cpu"),
+    ((torch.randn(0, 3), torch.zeros(0, dtype=torch.long)), "no rows"),
 ])
 def test_loss_rejects_bad_input(args, match):
     with pytest.raises(ValueError, match=match):
