@@ -28,7 +28,19 @@ from .data import read_texts
 class TrainedClassifier:
     """A trained run's classifier: texts in, class probabilities out (label_names[k] is class k)."""
 
-    def __init__(self, model, tokenizer, label_names, max_length, device, epoch=None):
+    def __init__(self, model, tokenizer, label_names, max_length, device="auto", epoch=None):
+        """A model of one's own: a sequence classifier of len(label_names) classes, its tokenizer and
+        the tokens per text. Routed LoRA layers in it run with every adapter on."""
+        from .lora import RoutedLoRALinear
+        from .trainer import _pick_device
+
+        classes = getattr(getattr(model, "config", None), "num_labels", None)
+        if classes is not None and classes != len(label_names):
+            raise ValueError(f"the model has {classes} classes, label_names {len(label_names)} names")
+        device = _pick_device(_checked_device(device))
+        for module in model.modules():
+            if isinstance(module, RoutedLoRALinear):
+                module.routing_mask = None  # masks a training step left would route these texts
         self.model, self.tokenizer = model.to(device).eval(), tokenizer
         self.label_names, self.max_length, self.device = list(label_names), max_length, device
         self.epoch = epoch  # the training epoch after which the model was saved (None: not recorded)
@@ -38,7 +50,6 @@ class TrainedClassifier:
         """RUN: the --output-dir of a finished training run (or its adapter/ or model/ folder).
         max_length: tokens per text; by default the run's --max-length (from its config.json)."""
         from .model import load_classifier, quiet_transformers, resolve_model_path, usable_max_length
-        from .trainer import _pick_device
 
         saved, config = _saved_classifier(Path(run_dir))
         labels = json.loads((saved / "labels.json").read_text())
@@ -54,9 +65,7 @@ class TrainedClassifier:
                                 "length from; give --max-length")
         if max_length < 1:
             raise UserError(f"--max-length must be at least 1, got {max_length}")
-        if not DEVICES.fullmatch(str(device)):
-            raise UserError(f"unknown device {device!r}: auto, cpu, cuda or cuda:N")
-        device = _pick_device(device)
+        _checked_device(device)  # before the model loads
         if (saved / "adapter_config.json").is_file():
             from peft import PeftModel
 
@@ -98,6 +107,12 @@ class TrainedClassifier:
     def predict(self, texts, batch_size=128):
         """The predicted label name of each text."""
         return [self.label_names[k] for k in self.predict_proba(texts, batch_size).argmax(-1)]
+
+
+def _checked_device(device):
+    if not DEVICES.fullmatch(str(device)):
+        raise UserError(f"unknown device {device!r}: auto, cpu, cuda or cuda:N")
+    return str(device)
 
 
 def _checked(texts):

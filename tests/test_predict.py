@@ -196,3 +196,27 @@ def test_keep_model_best_dev_needs_a_dev_split_and_a_saved_model(tiny_models, to
     assert train_main(cli(tiny_models["bert"], toy_files, tmp_path / "b", "--keep-model", "best-dev",
                           "--no-save-adapter")) == 2
     assert "keeps nothing" in capsys.readouterr().err
+
+
+def test_a_model_of_ones_own_predicts_with_every_adapter_on(tiny_models):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from clear_fast import inject_routed_lora
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_models["bert"], num_labels=4,
+                                                               ignore_mismatched_sizes=True)
+    tok = AutoTokenizer.from_pretrained(tiny_models["bert"])
+    router = inject_routed_lora(model)
+    for layer in router.modules():
+        torch.nn.init.normal_(layer.lora_B)  # adapters that change the output
+    texts = [WORDS[0], WORDS[1]]
+    with pytest.raises(ValueError, match="the model has 4 classes, label_names 3 names"):
+        TrainedClassifier(model, tok, ["a", "b", "c"], 16)
+    router.route(torch.tensor([0.0, 0.0]))  # a mask a training step left behind
+    clf = TrainedClassifier(model, tok, list("abcd"), 16)  # device "auto"
+    got = clf.predict_proba(texts)
+    router.route(None)
+    batch = tok(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        want = model(**batch).logits.softmax(-1).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-5)
