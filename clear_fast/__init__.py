@@ -15,6 +15,7 @@ _EXPORTS = {
     "TrainedClassifier": "clear_fast.predict",
     "inject_routed_lora": "clear_fast.model",
     "Router": "clear_fast.model",
+    "save_adapter": "clear_fast.model",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -421,16 +421,26 @@ def sentence_embeddings(model, batches):
     return torch.cat(out)
 
 
-def save_peft_adapter(model, router, base_path, out_dir, config):
+def save_peft_adapter(model, router, base_path, out_dir):
     """Write the adapter and head in peft's format (adapter_config.json + adapter_model.safetensors),
-    loadable with peft.PeftModel.from_pretrained on a fresh copy of the base classifier."""
+    loadable with peft.PeftModel.from_pretrained on a fresh copy of the base classifier at base_path.
+    r, lora_alpha and lora_dropout are the routed layers' own (one value each across them)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification
 
+    layers = router.modules()
+    dropout = lambda m: m.lora_dropout.p if isinstance(m.lora_dropout, nn.Dropout) else 0.0
+    settings = {(m.r, m.lora_alpha, dropout(m)) for m in layers}
+    if len(settings) != 1:
+        raise ValueError(f"peft's format holds one r, lora_alpha and lora_dropout; the routed layers have "
+                         f"{sorted(settings)}")
+    if any(m.merged for m in layers):
+        raise ValueError("unmerge() the routed layers before saving the adapter: a merged weight holds it")
+    (r, lora_alpha, lora_dropout), = settings
     with quiet_transformers():
         fresh = AutoModelForSequenceClassification.from_pretrained(base_path, config=model.config,
                                                                    ignore_mismatched_sizes=True)
-    lcfg = LoraConfig(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+    lcfg = LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                       target_modules=sorted({n.split(".")[-1] for n in router.module_names}),
                       modules_to_save=head_module_names(model),
                       task_type="SEQ_CLS")
@@ -449,3 +459,23 @@ def save_peft_adapter(model, router, base_path, out_dir, config):
     with quiet_transformers():  # no "Writing model shards" bar, which --no-progress did not stop
         peft_model.save_pretrained(str(out_dir))
     return Path(out_dir)
+
+
+def save_adapter(model, router, out_dir, label_names, base_model=None, epoch=None):
+    """Save a model trained in a loop of one's own as the CLI saves its adapter/: peft's format plus
+    labels.json, so that TrainedClassifier.from_run(out_dir, max_length=...) and peft load it.
+    base_model: the pretrained classifier's name or folder (default: the one the model was loaded from)."""
+    from . import io
+
+    base_model = base_model or getattr(model.config, "_name_or_path", "") or None
+    if base_model is None:
+        raise ValueError("save_adapter needs base_model: the model does not say which pretrained model it came from")
+    classes = getattr(model.config, "num_labels", None)
+    if classes is not None and classes != len(label_names):
+        raise ValueError(f"the model has {classes} classes, label_names {len(label_names)} names")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_peft_adapter(model, router, resolve_model_path(base_model), out_dir)
+    io.write_json(out_dir / "labels.json", {"label_names": [str(n) for n in label_names],
+                                            "base_model": base_model, "epoch": epoch})
+    return out_dir

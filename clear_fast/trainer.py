@@ -646,7 +646,7 @@ class Run:
             with quiet_transformers():  # no "Writing model shards" bar, which --no-progress did not stop
                 self.model.save_pretrained(str(tmp))
         else:
-            save_peft_adapter(self.model, self.router, self.model_path, tmp, self.cfg)
+            save_peft_adapter(self.model, self.router, self.model_path, tmp)
         io.write_json(tmp / "labels.json", {"label_names": self.label_names, "base_model": self.model_path,
                                             "epoch": epoch + 1})
         io.replace_dir(tmp, final)

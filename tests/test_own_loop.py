@@ -2,6 +2,7 @@
 (the README's "In your own training loop")."""
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -131,3 +132,25 @@ def test_targets_as_peft_matches_them_and_half_precision_models_get_float32_adap
     router.route(torch.tensor([1.0, 0.0]))
     half(input_ids=torch.randint(0, 100, (2, 5))).logits.float().sum().backward()
     assert layer.lora_A.grad.dtype == torch.float32 and layer.lora_B.grad.abs().sum() > 0
+
+
+def test_save_adapter_gives_what_trained_classifier_and_peft_load(model_and_batch, tmp_path):
+    from clear_fast import TrainedClassifier, save_adapter
+
+    model, batch, labels = model_and_batch
+    router = inject_routed_lora(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    router.route(torch.ones(4))
+    clear_loss(model(**batch).logits, labels)[0].backward()
+    opt.step()
+    router.route(None)
+    model.eval()
+    with torch.no_grad():
+        want = model(**batch).logits.softmax(-1)
+    with pytest.raises(ValueError, match="4 classes, label_names 3"):
+        save_adapter(model, router, tmp_path / "x", list("abc"))
+    out = save_adapter(model, router, tmp_path / "adapter", list("abcd"), epoch=1)  # base: where it was loaded from
+    clf = TrainedClassifier.from_run(out, device="cpu", max_length=16)
+    texts = ["alpha apple", "bravo banana blue", "charlie", "delta date dune delta"]
+    np.testing.assert_allclose(clf.predict_proba(texts), want.numpy(), atol=1e-5)
+    assert clf.label_names == list("abcd") and clf.epoch == 1
