@@ -129,6 +129,10 @@ class TrainConfig:
             d["target_modules"] = list(d["target_modules"])
         return d
 
+    @property
+    def injects_noise(self):
+        return self.noise_type != "none" and self.noise_rate > 0
+
     def _data_defaults(self):
         """Injected noise and a small training subset are for experiments on benchmark data: the
         defaults on a built-in dataset only, never silently on the user's own data (files, hub datasets)."""

@@ -465,8 +465,6 @@ def save_adapter(model, router, out_dir, label_names, base_model=None, epoch=Non
     """Save a model trained in a loop of one's own as the CLI saves its adapter/: peft's format plus
     labels.json, so that TrainedClassifier.from_run(out_dir, max_length=...) and peft load it.
     base_model: the pretrained classifier's name or folder (default: the one the model was loaded from)."""
-    from . import io
-
     base_model = base_model or getattr(model.config, "_name_or_path", "") or None
     if base_model is None:
         raise ValueError("save_adapter needs base_model: the model does not say which pretrained model it came from")
@@ -476,6 +474,14 @@ def save_adapter(model, router, out_dir, label_names, base_model=None, epoch=Non
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_peft_adapter(model, router, resolve_model_path(base_model), out_dir)
-    io.write_json(out_dir / "labels.json", {"label_names": [str(n) for n in label_names],
-                                            "base_model": base_model, "epoch": epoch})
+    write_labels_json(out_dir, label_names, base_model, epoch)
     return out_dir
+
+
+def write_labels_json(folder, label_names, base_model, epoch):
+    """What a saved classifier needs beside its weights (predict reads it): class k's name, the base
+    model, and the training epoch after which it was saved."""
+    from . import io
+
+    io.write_json(Path(folder) / "labels.json", {"label_names": [str(n) for n in label_names],
+                                                 "base_model": base_model, "epoch": epoch})

@@ -189,9 +189,8 @@ def main(argv=None):
 def _main(args):
     source = Path(args.input)
     output = Path(args.output) if args.output else source.with_name(source.stem + ".predictions.csv")
-    for flag in ("batch_size", "max_length"):  # before the model loads
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise UserError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if args.batch_size < 1:  # before the model loads (from_run checks --max-length before it too)
+        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     if output.is_dir():
         raise UserError(f"--output {output} is a folder: name a file (e.g. {output / 'predictions.csv'})")
     if output.exists() and not args.overwrite:

@@ -25,7 +25,7 @@ from .losses import clear_loss
 from .mixture import clean_probability
 from .model import (HeadShield, draw_routing_masks, inject_routed_lora, load_classifier, quiet_transformers,
                     save_peft_adapter, sentence_embeddings, shared_prefix_passes, usable_max_length,
-                    without_cudnn_attention)
+                    without_cudnn_attention, write_labels_json)
 
 # Everything a run writes into --output-dir (README, "Outputs"): what --overwrite removes. Other
 # files a user keeps there are never touched.
@@ -245,10 +245,10 @@ class Run:
         settings whose defaults differ between built-in datasets and the user's own data."""
         cfg, n = self.cfg, len(self.train)
         subset = f" of {available} (a stratified subset: --max-train-samples 0 for all)" if n < available else ""
-        if cfg.noise_type == "none" or cfg.noise_rate == 0:
-            noise = "labels as given (no noise injected)"
-        else:
+        if cfg.injects_noise:
             noise = f"{cfg.noise_type} noise {cfg.noise_rate:g} injected: {int((~self.clean_mask).sum())} labels flipped"
+        else:
+            noise = "labels as given (no noise injected)"
         sizes = ", ".join(f"{name} {len(s)}" for name, s in (("dev", self.dev), ("test", self.test)) if s is not None)
         return f"{self.data_name}: {len(self.label_names)} classes, training on {n}{subset}, {sizes}; {noise}"
 
@@ -621,7 +621,7 @@ class Run:
     def write_per_sample(self, pass_out):
         buf = _io.StringIO()
         w = csv.writer(buf)
-        injected = self.cfg.noise_type != "none" and self.cfg.noise_rate > 0  # else the truth is not known
+        injected = self.cfg.injects_noise  # else the truth is not known
         w.writerow(["index", "observed_label", *(["true_label", "flipped"] if injected else []), "loss",
                     "clean_probability", "predicted_label", "text"])
         p, losses, pred = (pass_out[k].numpy() for k in ("p_clean", "losses", "pred"))
@@ -647,8 +647,7 @@ class Run:
                 self.model.save_pretrained(str(tmp))
         else:
             save_peft_adapter(self.model, self.router, self.model_path, tmp)
-        io.write_json(tmp / "labels.json", {"label_names": self.label_names, "base_model": self.model_path,
-                                            "epoch": epoch + 1})
+        write_labels_json(tmp, self.label_names, self.model_path, epoch + 1)
         io.replace_dir(tmp, final)
         return final
 
