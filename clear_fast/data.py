@@ -174,13 +174,7 @@ def read_texts(path, text_column: str = "text", label_column: str = "label", lab
     texts = _checked_texts([r.get(text_column) for r in records], path, text_column)
     if label_column not in columns:
         return texts, None, rows
-    labels = []
-    for i, r in enumerate(records):
-        try:
-            labels.append(_label_key(r.get(label_column)))
-        except TypeError as e:
-            raise DataTypeError(f"{path}: column {label_column!r}, {_rows([i])}: {e}") from None
-    return texts, labels, rows
+    return texts, _checked_labels([r.get(label_column) for r in records], path, label_column, True), rows
 
 
 def _check_column(path, columns, column):
@@ -285,15 +279,17 @@ def _checked_texts(texts: list, source, column: str) -> list[str]:
     return texts
 
 
-def _checked_labels(values: list, source, column: str) -> list[str]:
-    """Labels as string class names (see _label_key); missing ones are an error naming the rows."""
+def _checked_labels(values: list, source, column: str, allow_missing: bool = False) -> list[str]:
+    """Labels as string class names (see _label_key); missing ones (None) are an error naming the
+    rows unless allow_missing."""
     keys = []
     for i, value in enumerate(values):
         try:
             keys.append(_label_key(value))
         except TypeError as e:
             raise DataTypeError(f"{source}: column {column!r}, {_rows([i])}: {e}") from None
-    _check_present(source, column, [i for i, y in enumerate(keys) if y is None], "missing label")
+    if not allow_missing:
+        _check_present(source, column, [i for i, y in enumerate(keys) if y is None], "missing label")
     return keys
 
 
