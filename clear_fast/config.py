@@ -229,11 +229,18 @@ def _default_text(f):
     return f" (default: {f.default})"
 
 
+def version_string():
+    import clear_fast
+
+    return f"clear_fast {clear_fast.__version__}"
+
+
 def build_parser():
     p = argparse.ArgumentParser(
         prog="python -m clear_fast.train",
         description="CleaR (Clean Routing) fine-tuning on noisy labels, with plain LoRA and full "
                     "fine-tuning baselines. Runs offline on banking77 with MiniLM by default.")
+    p.add_argument("--version", action="version", version=version_string())
     p.add_argument("--config", help="JSON or YAML file holding any of these flags (the command line wins)")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from . import io
-from .config import DEVICES, UserError
+from .config import DEVICES, UserError, version_string
 from .data import read_texts
 
 
@@ -154,6 +154,7 @@ def build_parser():
         prog="python -m clear_fast.predict",
         description="Predict labels of new texts with a run of python -m clear_fast.train; where the input "
                     "has labels, also how likely the model finds each given label (low: a likely label error).")
+    p.add_argument("--version", action="version", version=version_string())
     p.add_argument("run", help="the --output-dir of a finished training run (or its adapter/ or model/ folder)")
     p.add_argument("input", help="CSV, TSV or JSON-lines file with a text column (and optionally labels), "
                                  "or a .txt file with one text per line")

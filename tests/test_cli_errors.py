@@ -164,3 +164,14 @@ def test_cli_prints_a_settings_warning_as_one_line(capsys, tmp_path):
     err = capsys.readouterr().err
     assert "warning: --method clear-lora with --warmup-epochs 3 >= --num-epochs 3" in err
     assert "UserWarning" not in err and "config.py" not in err
+
+
+def test_version(capsys):
+    import clear_fast
+    from clear_fast.predict import build_parser as predict_parser
+
+    for parser in (build_parser(), predict_parser()):
+        with pytest.raises(SystemExit) as stop:
+            parser.parse_args(["--version"])
+        assert stop.value.code == 0
+        assert capsys.readouterr().out.strip() == f"clear_fast {clear_fast.__version__}"
