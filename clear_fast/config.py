@@ -133,18 +133,23 @@ class TrainConfig:
     def injects_noise(self):
         return self.noise_type != "none" and self.noise_rate > 0
 
-    def _data_defaults(self):
+    def fill_defaults(self):
         """Injected noise and a small training subset are for experiments on benchmark data: the
         defaults on a built-in dataset only, never silently on the user's own data (files, hub datasets)."""
         from .data import BUILTIN_DATASETS
 
         builtin = not self.train_file and str(self.dataset).lower() in BUILTIN_DATASETS
+        filled = [name for name in ("max_train_samples", "noise_type", "noise_rate") if getattr(self, name) is None]
         if self.max_train_samples is None:
             self.max_train_samples = 2000 if builtin else 0
         if self.noise_type is None:
             self.noise_type = "symmetric" if builtin or self.noise_rate is not None else "none"
         if self.noise_rate is None:
             self.noise_rate = 0.0 if self.noise_type == "none" else 0.4
+        # Not a field (not saved): --resume takes these from the run it continues, which an older
+        # version made with other defaults (2000 samples, symmetric 0.4, on any data).
+        self.defaulted = getattr(self, "defaulted", ()) or tuple(filled)
+        return self
 
     @classmethod
     def saved_with_defaults(cls, saved):
@@ -155,7 +160,7 @@ class TrainConfig:
     def validate(self):
         """Fill in the defaults that depend on other settings; raise ValueError naming every bad
         setting at once."""
-        self._data_defaults()
+        self.fill_defaults()
         bad = []
         if self.method not in METHODS:
             bad.append(f"--method {self.method!r} is not one of {', '.join(METHODS)}")

@@ -97,7 +97,7 @@ class Tokenized:
 # ----------------------------------------------------------------------------- the run
 class Run:
     def __init__(self, config: TrainConfig):
-        self.cfg = config
+        self.cfg = config.fill_defaults()  # for a config made without validate()
         self.out = Path(config.output_dir)
         self.device = _pick_device(config.device)
         self.routed = config.method in ROUTED_METHODS
@@ -132,6 +132,8 @@ class Run:
                 raise UserError(f"--resume: {out} has checkpoint.pt but no config.json, so its settings are "
                                 "unknown; start again with --overwrite")
             saved = TrainConfig.saved_with_defaults(json.loads((out / "config.json").read_text()))
+            for name in cfg.defaulted:  # a setting not given now: the run's own
+                setattr(cfg, name, saved[name])
             now = cfg.to_dict()
             diff = sorted(k for k, v in now.items() if k not in RESUME_FREE and saved.get(k) != v)
             if diff:
@@ -515,7 +517,8 @@ class Run:
             pass_out = ck.get("last_pass")
             print(f"resuming {self.out} after epoch {start} of {cfg.num_epochs}")
         clean_t = torch.as_tensor(self.clean_mask, dtype=torch.float32, device=self.device)
-        best_dev = max((r["dev_accuracy"] for r in records), default=-1.0)  # --keep-model best-dev
+        best_dev = max((r["dev_accuracy"] for r in records if r["dev_accuracy"] is not None),
+                       default=-1.0)  # --keep-model best-dev (which needs a dev split)
         warned = False  # about classes without a likely-clean sample: once a run
         bar = tqdm(range(start, cfg.num_epochs), desc=f"{cfg.method} on {self.data_name}", disable=not cfg.progress)
         for epoch in bar:

@@ -78,24 +78,29 @@ def test_learns_the_toy_task(tiny_models, toy_files, tmp_path):
     assert res["best_test_accuracy"] > 0.6
 
 
-def test_resume_gives_the_same_metrics(tiny_models, toy_files, tmp_path, monkeypatch, capsys):
-    args = cli(tiny_models["bert"], toy_files, tmp_path / "full_run", "--no-save-adapter", "--no-plots")
-    assert main(args) == 0
-    # interrupt a second run right after epoch 2 is checkpointed, then resume it
-    out2 = tmp_path / "interrupted"
-    args2 = cli(tiny_models["bert"], toy_files, out2, "--no-save-adapter", "--no-plots")
+def _interrupt_after_epoch_2(monkeypatch):
+    """Make the next runs stop (Ctrl-C) right after epoch 2's checkpoint; returns what undoes it."""
     original = Run.save_checkpoint
 
     def save_then_interrupt(self, epoch, state):
         original(self, epoch, state)
         if epoch == 1:
             raise KeyboardInterrupt
-
     monkeypatch.setattr(Run, "save_checkpoint", save_then_interrupt)
+    return lambda: monkeypatch.setattr(Run, "save_checkpoint", original)
+
+
+def test_resume_gives_the_same_metrics(tiny_models, toy_files, tmp_path, monkeypatch, capsys):
+    args = cli(tiny_models["bert"], toy_files, tmp_path / "full_run", "--no-save-adapter", "--no-plots")
+    assert main(args) == 0
+    # interrupt a second run right after epoch 2 is checkpointed, then resume it
+    out2 = tmp_path / "interrupted"
+    args2 = cli(tiny_models["bert"], toy_files, out2, "--no-save-adapter", "--no-plots")
+    restore = _interrupt_after_epoch_2(monkeypatch)
     assert main(args2) == 130
     assert "epoch 2 of 3 is checkpointed" in capsys.readouterr().err
     assert not (out2 / "results.json").exists()
-    monkeypatch.setattr(Run, "save_checkpoint", original)
+    restore()
     assert main(args2) == 2, "a run already in the folder must not be silently replaced"
     assert main(args2 + ["--resume"]) == 0
     read = lambda d: strip_times([json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()])
@@ -189,6 +194,33 @@ def test_classes_without_a_likely_clean_sample_are_warned_of_once(tiny_models, t
                                          r"above 0.5 \(class_1\).*--classwise-losses") as caught:
         run.run()
     assert sum("clean probability is above" in str(w.message) for w in caught) == 1, "once a run"
+
+
+def test_resume_without_a_dev_split_and_of_a_run_made_with_the_old_defaults(tiny_models, toy_files, tmp_path,
+                                                                            monkeypatch):
+    # Own files, no dev split; the saved settings are those an older version defaulted to on any data
+    # (2000 samples, symmetric 0.4), which the same command now resolves otherwise.
+    args = cli(tiny_models["bert"], toy_files, tmp_path / "r", "--no-plots", "--no-save-adapter")
+    for flag in ("--noise-type", "--dev-file", "--max-train-samples"):  # none of them given
+        i = args.index(flag)
+        del args[i:i + 2]
+    old_defaults = ["--noise-type", "symmetric", "--noise-rate", "0.4", "--max-train-samples", "2000"]
+    restore = _interrupt_after_epoch_2(monkeypatch)
+    assert main(args + old_defaults) == 130
+    restore()
+    assert main(args + ["--resume"]) == 0
+    cfg = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert (cfg["noise_type"], cfg["noise_rate"], cfg["max_train_samples"]) == ("symmetric", 0.4, 2000)
+    assert len((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()) == 3
+    assert main(args + ["--resume", "--overwrite"]) == 2  # flags given now still must match
+
+
+def test_a_run_from_a_config_made_without_validate_gets_the_data_defaults(toy_files, tmp_path):
+    from clear_fast.config import TrainConfig
+
+    run = Run(TrainConfig(train_file=str(toy_files / "train.csv"), test_file=str(toy_files / "test.csv"),
+                          output_dir=str(tmp_path / "o")))
+    assert (run.cfg.noise_type, run.cfg.noise_rate, run.cfg.max_train_samples) == ("none", 0.0, 0)
 
 
 def test_consistency_loss_matches_its_formula():
