@@ -160,7 +160,8 @@ def read_texts(path, text_column: str = "text", label_column: str = "label", lab
             raise ValueError(f"{path}: a .txt file holds one text per line and no labels; "
                              f"a label column ({label_column!r}) needs a CSV, TSV or JSON-lines file")
         try:
-            lines = path.read_text(encoding="utf-8-sig").splitlines()
+            lines = path.read_text(encoding="utf-8-sig").split("\n")  # universal newlines; not str.splitlines,
+            # which also splits at form feeds and U+2028 and would shift the line numbers
         except UnicodeDecodeError as e:
             raise _not_utf8(path, e) from None
         rows = [i + 1 for i, line in enumerate(lines) if line.strip()]

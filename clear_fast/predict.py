@@ -38,9 +38,7 @@ class TrainedClassifier:
         if classes is not None and classes != len(label_names):
             raise ValueError(f"the model has {classes} classes, label_names {len(label_names)} names")
         device = _pick_device(_checked_device(device))
-        for module in model.modules():
-            if isinstance(module, RoutedLoRALinear):
-                module.routing_mask = None  # masks a training step left would route these texts
+        self._routed = [m for m in model.modules() if isinstance(m, RoutedLoRALinear)]
         self.model, self.tokenizer = model.to(device).eval(), tokenizer
         self.label_names, self.max_length, self.device = list(label_names), max_length, device
         self.epoch = epoch  # the training epoch after which the model was saved (None: not recorded)
@@ -53,6 +51,9 @@ class TrainedClassifier:
 
         saved, config = _saved_classifier(Path(run_dir))
         labels = json.loads((saved / "labels.json").read_text())
+        if config and not (saved.parent / "results.json").exists():  # a best-dev run stopped midway
+            warnings.warn(f"the run in {saved.parent} has not finished: its {saved.name}/ is from epoch "
+                          f"{labels.get('epoch')}, the best on dev so far", UserWarning, stacklevel=2)
         names = labels["label_names"]
         # the base model's path as trained; on another machine the name it was given resolves again
         base = labels["base_model"]
@@ -98,10 +99,17 @@ class TrainedClassifier:
         data = Tokenized.from_texts(self.tokenizer, texts, np.zeros(len(texts), dtype=np.int64), self.max_length)
         out = torch.empty(len(texts), len(self.label_names))
         batches = data.sorted_batches(batch_size, self.device)  # by length: little padding
-        for batch in tqdm(batches, total=-(-len(texts) // batch_size), desc="predict", leave=False,
-                          disable=not progress):
-            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            out[batch["index"].cpu()] = logits.float().softmax(-1).cpu()
+        masks = [m.routing_mask for m in self._routed]  # a training step's, put back afterwards
+        try:
+            for m in self._routed:
+                m.routing_mask = None  # every adapter on
+            for batch in tqdm(batches, total=-(-len(texts) // batch_size), desc="predict", leave=False,
+                              disable=not progress):
+                logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                out[batch["index"].cpu()] = logits.float().softmax(-1).cpu()
+        finally:
+            for m, mask in zip(self._routed, masks):
+                m.routing_mask = mask
         return out.numpy()
 
     def predict(self, texts, batch_size=128):
@@ -179,7 +187,7 @@ def main(argv=None):
         warnings.showwarning = _one_line_for_ours(warnings.showwarning)
         try:
             return _main(build_parser().parse_args(argv))
-        except (ValueError, FileNotFoundError) as e:  # UserError and the libraries' own messages
+        except (ValueError, OSError) as e:  # UserError, missing files, an output that cannot be written
             print(f"error: {e}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
@@ -194,6 +202,9 @@ def _main(args):
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     if output.is_dir():
         raise UserError(f"--output {output} is a folder: name a file (e.g. {output / 'predictions.csv'})")
+    existing = next(p for p in output.absolute().parents if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"--output {output}: {existing} is a file, not a folder")
     if output.exists() and not args.overwrite:
         raise UserError(f"{output} exists: pass --overwrite to replace it, or choose another --output")
     if output.resolve() == source.resolve():

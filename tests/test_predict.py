@@ -63,7 +63,7 @@ def test_predictions_are_the_runs_own(trained, toy_files, tmp_path, method, caps
 def test_text_files_probabilities_and_the_adapter_folder_itself(trained, tmp_path):
     out, _ = trained["clear-lora"]
     src = tmp_path / "new.txt"
-    src.write_text(f"{WORDS[2]}\n\n{WORDS[0]} filler\n")
+    src.write_text(f"{WORDS[2]}\u2028more\x0cstill line 1\r\n\n{WORDS[0]} filler\n")  # only newlines split
     assert main([str(out / "adapter"), str(src), "--all-probabilities", "--no-progress"]) == 0
     rows = read_rows(tmp_path / "new.predictions.csv")  # the default output: beside the input
     assert [r["row"] for r in rows] == ["1", "3"] and "given_label" not in rows[0]  # line numbers
@@ -102,6 +102,7 @@ def test_given_labels_unknown_or_missing(trained, tmp_path, capsys):
     ("bad_batch_size", "--batch-size must be at least 1"),
     ("output_is_a_folder", "is a folder: name a file"),
     ("input_is_a_folder", "is a folder"),
+    ("output_under_a_file", "is a file, not a folder"),
 ])
 def test_mistakes_are_one_clear_message(trained, toy_files, tmp_path, capsys, case, message):
     out, _ = trained["clear-lora"]
@@ -120,7 +121,8 @@ def test_mistakes_are_one_clear_message(trained, toy_files, tmp_path, capsys, ca
             "bad_device": [str(out), test_csv, "--device", "tpu", "--output", str(tmp_path / "p.csv")],
             "bad_batch_size": [str(out), test_csv, "--batch-size", "0", "--output", str(tmp_path / "p.csv")],
             "output_is_a_folder": [str(out), test_csv, "--output", str(unfinished), "--overwrite"],
-            "input_is_a_folder": [str(out), str(unfinished), "--output", str(tmp_path / "p.csv")]}[case]
+            "input_is_a_folder": [str(out), str(unfinished), "--output", str(tmp_path / "p.csv")],
+            "output_under_a_file": [str(out), test_csv, "--output", str(txt / "p.csv")]}[case]
     before = sorted(p.name for p in tmp_path.iterdir())
     assert main(argv + ["--no-progress"]) == 2
     assert message in capsys.readouterr().err
@@ -215,6 +217,9 @@ def test_a_model_of_ones_own_predicts_with_every_adapter_on(tiny_models):
     router.route(torch.tensor([0.0, 0.0]))  # a mask a training step left behind
     clf = TrainedClassifier(model, tok, list("abcd"), 16)  # device "auto"
     got = clf.predict_proba(texts)
+    router.route(torch.tensor([0.0, 0.0, 0.0]))  # one set after the classifier was made
+    np.testing.assert_array_equal(clf.predict_proba(texts), got)  # every adapter on, whatever the masks
+    assert all(torch.equal(m.routing_mask, torch.zeros(3)) for m in router.modules()), "masks put back"
     router.route(None)
     batch = tok(texts, padding=True, return_tensors="pt")
     with torch.no_grad():
