@@ -382,6 +382,10 @@ class RoutedLoRALinear(nn.Module):
     word; the CLI's trainer, which owns its model, turns it on.
     """
 
+    # Class defaults too, for layers pickled by a version before these attributes.
+    cache_frozen_cast = False
+    _frozen_cast = None
+
     def __init__(self, in_features, out_features, r=8, lora_alpha=8, lora_dropout=0.0, bias=True,
                  device=None, dtype=None):
         super().__init__()

@@ -2,6 +2,7 @@
 
 The numerical helpers here are also used by test_lora_kernels.py for the Triton path.
 """
+import copy
 import math
 
 import numpy as np
@@ -590,6 +591,11 @@ def test_autocast_casts_the_frozen_weight_once_while_it_is_unchanged():
         assert not torch.equal(before, after) and layer._frozen_cast is None
         layer.reset_parameters()
     layer.cache_frozen_cast = True
+    old = copy.deepcopy(layer)  # a layer pickled before these attributes: the class's defaults
+    del old.__dict__["cache_frozen_cast"], old.__dict__["_frozen_cast"]
+    with torch.autocast("cpu", dtype=bf):
+        want = routed_lora_linear(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling, m)
+        assert torch.equal(old(x, m), want)
 
     def step(layer):
         xg = x.clone().requires_grad_()
