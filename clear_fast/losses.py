@@ -33,8 +33,12 @@ def clear_loss(logits, labels, teacher_logits=None, weight=1.0, temperature=1.0,
     that sample's CE and the loss NaN (checking would cost a host sync).
     """
     check_backend(backend)
+    temperature = _scalar(temperature)
     _check_loss_inputs(logits, labels, teacher_logits, temperature)
-    weight = _checked_weight(weight)
+    weight = _scalar(weight)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < float("inf"):
+        raise ValueError(f"weight (the consistency term's) must be a finite number >= 0, got {weight!r}")
+    weight = float(weight)
     labels = labels.long()  # any integer dtype; int64 as cross_entropy wants (no copy when it is)
     teacher = teacher_logits if teacher_logits is not None and weight > 0 else None
     if logits.shape[0] and use_triton(logits, backend) and not torch.compiler.is_compiling():
@@ -74,15 +78,14 @@ def _check_loss_inputs(logits, labels, teacher_logits, temperature):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
 
 
-def _checked_weight(weight):
-    """The consistency term's weight as a Python float: a number, a numpy scalar or a 0-d tensor."""
-    if torch.is_tensor(weight) and weight.dim() == 0 and not weight.dtype == torch.bool:
-        weight = weight.item()
-    elif hasattr(weight, "dtype") and hasattr(weight, "item") and getattr(weight, "ndim", None) == 0:
-        weight = weight.item()  # a numpy scalar
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < float("inf"):
-        raise ValueError(f"weight (the consistency term's) must be a finite number >= 0, got {weight!r}")
-    return float(weight)
+def _scalar(value):
+    """A numpy scalar or a 0-d tensor (not bool) as the Python number it holds; anything else as it is."""
+    if torch.is_tensor(value) and value.dim() == 0 and value.dtype != torch.bool:
+        return value.item()
+    if hasattr(value, "dtype") and hasattr(value, "item") and getattr(value, "ndim", None) == 0 \
+            and value.dtype != bool:
+        return value.item()
+    return value
 
 
 def _check_label_range(logits, labels):

@@ -107,11 +107,14 @@ def test_loss_rejects_a_bad_consistency_weight(weight):
         clear_loss(torch.randn(4, 3), torch.zeros(4, dtype=torch.long), torch.randn(4, 3), weight)
 
 
-def test_loss_takes_the_weight_as_a_numpy_or_tensor_scalar():
+def test_loss_takes_weight_and_temperature_as_numpy_or_tensor_scalars():
     args = (torch.randn(4, 3), torch.zeros(4, dtype=torch.long), torch.randn(4, 3))
     want = clear_loss(*args, 0.5)[0]
     for weight in (np.float32(0.5), np.float64(0.5), torch.tensor(0.5)):
         assert torch.equal(clear_loss(*args, weight)[0], want)
+    want = clear_loss(*args, 0.5, 2.0)[0]
+    for temperature in (np.float32(2.0), torch.tensor(2.0)):  # the temperature too
+        assert torch.equal(clear_loss(*args, 0.5, temperature)[0], want)
 
 
 @pytest.mark.parametrize("args,match", [
