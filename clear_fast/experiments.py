@@ -491,7 +491,8 @@ NOISE_ORDER = {t: i for i, t in enumerate(NOISE_TYPES)}
 
 
 # Configuration keys that may differ between the seeds of one table cell.
-PER_RUN_SETTINGS = {"seed", "noise_seed", "output_dir", "overwrite", "resume", "progress", "plots", "save_adapter"}
+PER_RUN_SETTINGS = {"seed", "noise_seed", "output_dir", "overwrite", "resume", "progress", "plots", "save_adapter",
+                    "keep_model"}
 
 
 def load_results(results_dir):

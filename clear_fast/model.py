@@ -53,16 +53,14 @@ def load_classifier(name, num_labels, label_names=None):
 
 def text_length_limit(model, tokenizer):
     """The most tokens a text can have for this model (None: no limit known): its table of position
-    embeddings, less RoBERTa's offset (positions start after padding_idx), and the tokenizer's own limit."""
-    limits = []
+    embeddings, less RoBERTa's offset (positions start after padding_idx); for a model without one,
+    the tokenizer's own limit (a smaller tokenizer limit is a preference, not a failure)."""
     positions = getattr(model.config, "max_position_embeddings", None)
     if isinstance(positions, int) and positions > 0:
         pad = getattr(getattr(model.base_model, "embeddings", None), "padding_idx", None)
-        limits.append(positions - (pad + 1) if isinstance(pad, int) else positions)
+        return positions - (pad + 1) if isinstance(pad, int) else positions
     own = getattr(tokenizer, "model_max_length", None)
-    if isinstance(own, int) and 0 < own < 1_000_000:  # tokenizers without a limit say 1e30
-        limits.append(own)
-    return min(limits) if limits else None
+    return own if isinstance(own, int) and 0 < own < 1_000_000 else None  # no limit: 1e30
 
 
 def usable_max_length(requested, model, tokenizer):
@@ -466,6 +464,8 @@ def save_adapter(model, router, out_dir, label_names, base_model=None, epoch=Non
     labels.json, so that TrainedClassifier.from_run(out_dir, max_length=...) and peft load it.
     base_model: the pretrained classifier's name or folder (default: the one the model was loaded from)."""
     base_model = base_model or getattr(model.config, "_name_or_path", "") or None
+    if base_model is not None and os.path.isdir(base_model):
+        base_model = os.path.abspath(base_model)  # labels.json is read from anywhere
     if base_model is None:
         raise ValueError("save_adapter needs base_model: the model does not say which pretrained model it came from")
     classes = getattr(model.config, "num_labels", None)
