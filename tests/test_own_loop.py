@@ -62,18 +62,22 @@ def test_route_draws_per_sample_per_layer_masks_and_refuses_what_is_not_probabil
             router.route(bad)
 
 
-def test_the_readme_loop_runs_warm_up_then_routes_by_clean_probability(model_and_batch):
+def test_the_readme_loop_routes_by_gamma_then_by_gamma_times_clean_probability(model_and_batch):
     model, batch, labels = model_and_batch
     router = inject_routed_lora(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     gamma, p_clean, teacher = 0.85, None, None
-    routed_fractions = []
+    generator = torch.Generator().manual_seed(0)
     for epoch in range(3):
         model.train()
         p_route = torch.full((4,), gamma) if p_clean is None else gamma * p_clean
-        masks = router.route(p_route)
-        routed_fractions.append(masks.float().mean().item())
+        state = generator.get_state()
+        masks = router.route(p_route, generator)
+        # the masks are the Bernoulli(p_route) draws: the same uniforms, compared with p_route
+        u = torch.rand((4, router.num_layers), generator=torch.Generator().set_state(state))
+        assert torch.equal(masks, u < p_route[:, None])
         loss, _ = clear_loss(model(**batch).logits, labels, teacher)
+        assert torch.isfinite(loss)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -85,7 +89,6 @@ def test_the_readme_loop_runs_warm_up_then_routes_by_clean_probability(model_and
                 teacher += model(**batch).logits / 2
         p_clean, _ = clean_probability(torch.nn.functional.cross_entropy(teacher, labels, reduction="none"))
         assert p_clean.shape == (4,) and bool(((p_clean >= 0) & (p_clean <= 1)).all())
-    assert len(routed_fractions) == 3
 
 
 def _bert(**overrides):
