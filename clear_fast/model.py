@@ -112,7 +112,7 @@ def layer_index(module_name):
 
 def head_module_names(model):
     """Top-level children outside the backbone: the classification head (peft's modules_to_save).
-    None for a model that is a backbone itself (no child named by its base_model_prefix)."""
+    None (an empty list) for a model that is a backbone itself (no child named by its base_model_prefix)."""
     prefix = getattr(model, "base_model_prefix", None)
     children = dict(model.named_children())
     if prefix not in children:
@@ -163,7 +163,8 @@ def inject_routed_lora(model, target_modules=None, r=4, lora_alpha=1, lora_dropo
         raise ValueError(f"no linear module matches target_modules {target_modules!r}{how}; the linear modules "
                          f"outside the head ({', '.join(sorted(head)) or 'none'}) are named: {', '.join(names)}")
     # Everything that can fail, before the model changes.
-    indices = [layer_index(n) for n, _ in found]
+    for name, _ in found:
+        layer_index(name)
     routed = []
     for _, linear in found:
         layer = RoutedLoRALinear.from_linear(linear, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
@@ -172,14 +173,11 @@ def inject_routed_lora(model, target_modules=None, r=4, lora_alpha=1, lora_dropo
         routed.append(layer)
     for p in model.parameters():
         p.requires_grad_(False)
-    by_layer = {}
-    for (name, _), layer, index in zip(found, routed, indices):
+    for (name, _), layer in zip(found, routed):
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, layer)
-        by_layer.setdefault(index, []).append(layer)
     unfreeze_head(model)
-    names = [n for n, _ in found]
-    return Router([by_layer[i] for i in sorted(by_layer)], names, _layer_paths(model, names, sorted(by_layer)))
+    return Router.of_modules(model, [(name, layer) for (name, _), layer in zip(found, routed)])
 
 
 def _is_target(name, targets):
@@ -231,10 +229,15 @@ class Router:
         found = [(n, m) for n, m in model.named_modules() if isinstance(m, RoutedLoRALinear)]
         if not found:
             raise ValueError("the model has no RoutedLoRALinear layers: inject_routed_lora(model) adds them")
+        return cls.of_modules(model, found)
+
+    @classmethod
+    def of_modules(cls, model, named):
+        """The Router of these (dotted name, routed module) pairs of model, grouped by transformer layer."""
         by_layer = {}
-        for name, module in found:
+        for name, module in named:
             by_layer.setdefault(layer_index(name), []).append(module)
-        names = [n for n, _ in found]
+        names = [n for n, _ in named]
         return cls([by_layer[i] for i in sorted(by_layer)], names, _layer_paths(model, names, sorted(by_layer)))
 
     @property
