@@ -327,7 +327,8 @@ def _one_thread(fn):
 class GaussianMixture1D:
     """scikit-learn's GaussianMixture(covariance_type="full", n_init=1) for 1-D data, fast.
 
-    fit(x) -> self; predict_proba(x) [N, K]; predict(x) [N]; score_samples(x) [N] (log density).
+    fit(x) -> self; predict_proba(x) [N, K]; predict(x) [N]; score_samples(x) [N] (log density);
+    fit_predict(x), score(x), bic(x), aic(x) as sklearn's.
     x: numpy array / array-like or torch tensor, [N] or [N, 1], any real dtype; computed in float64
     on x's device. numpy in -> numpy out; torch in -> torch out (float64) on x's device. Fitted
     attributes follow the type of the data given to fit: means_ [K], variances_ [K], covariances_
@@ -415,6 +416,27 @@ class GaussianMixture1D:
     def score_samples(self, x):
         t, is_torch = _as_tensor(x)
         return _output(em_step_reference(t, *self._params_on(t.device))[3], is_torch)
+
+    # sklearn's model-selection members, with its formulas (1 feature, full covariance).
+    def fit_predict(self, x):
+        """fit(x), then the component of each sample under the final parameters (sklearn's final E-step)."""
+        return self.fit(x).predict(x)
+
+    def score(self, x):
+        """Mean log-likelihood per sample (a Python float)."""
+        return float(self.score_samples(x).mean())
+
+    def _n_parameters(self):
+        k = self.n_components
+        return 3 * k - 1  # k means, k variances, k - 1 free weights
+
+    def bic(self, x):
+        n = _as_tensor(x)[0].numel()
+        return -2 * self.score(x) * n + self._n_parameters() * math.log(n)
+
+    def aic(self, x):
+        n = _as_tensor(x)[0].numel()
+        return -2 * self.score(x) * n + 2 * self._n_parameters()
 
 
 def _check_fitted(theta, reg_covar):

@@ -310,3 +310,15 @@ def test_clean_probability_fits_on_one_thread(monkeypatch):
         assert seen == [1] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
+
+
+def test_model_selection_members_match_sklearn():
+    from sklearn.mixture import GaussianMixture
+
+    rng = np.random.default_rng(3)
+    x = np.concatenate([rng.normal(0, 1, 300), rng.normal(4, 0.5, 100)])
+    for k in (2, 3):
+        ours, theirs = GaussianMixture1D(n_components=k), GaussianMixture(n_components=k, random_state=0)
+        np.testing.assert_array_equal(ours.fit_predict(x), theirs.fit_predict(x[:, None]))
+        for name in ("score", "bic", "aic"):
+            assert getattr(ours, name)(x) == pytest.approx(getattr(theirs, name)(x[:, None]), rel=1e-9), name
