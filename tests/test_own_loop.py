@@ -157,3 +157,32 @@ def test_save_adapter_gives_what_trained_classifier_and_peft_load(model_and_batc
     texts = ["alpha apple", "bravo banana blue", "charlie", "delta date dune delta"]
     np.testing.assert_allclose(clf.predict_proba(texts), want.numpy(), atol=1e-5)
     assert clf.label_names == list("abcd") and clf.epoch == 1
+
+
+def readme_snippet(heading):
+    """The first Python code block after a heading of the README."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    return re.search(r"```python\n(.*?)```", readme[readme.index(heading):], re.S).group(1)
+
+
+def test_the_readme_library_snippet_runs_as_written():
+    scope = {}
+    exec(compile(readme_snippet("## The library"), "README.md", "exec"), scope)
+    assert scope["y"].shape == (32, 128, 768) and scope["p_clean"].shape == (10_000,)
+    assert scope["loss"].requires_grad and scope["per_sample_ce"].shape == (32,)
+
+
+def test_the_readme_own_loop_snippet_runs_as_written(model_and_batch):
+    """The README's "In your own training loop" code, executed as it stands there."""
+    snippet = readme_snippet("### In your own training loop")
+    model, batch, labels = model_and_batch
+    loader = [(batch, labels, torch.arange(4))]
+    scope = {"model": model, "train_loader": loader, "train_labels": labels, "num_labels": 4,
+             "num_epochs": 3, "warmup_epochs": 1}
+    exec(compile(snippet, "README.md", "exec"), scope)
+    p_clean = scope["p_clean"]
+    assert p_clean.shape == (4,) and bool(((p_clean >= 0) & (p_clean <= 1)).all())
+    assert all(m.routing_mask is None for m in scope["router"].modules()), "ends with every adapter on"
