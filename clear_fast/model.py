@@ -146,6 +146,7 @@ def inject_routed_lora(model, target_modules=None, r=4, lora_alpha=1, lora_dropo
     if present:
         raise ValueError(f"the model already has {len(present)} routed LoRA layers ({present[0]}, ...): inject "
                          "once, and use the Router it returned (or Router.from_model(model))")
+    targets_every_layer = target_modules is None  # peft's defaults: some in every layer
     if target_modules is None:
         target_modules = default_target_modules(model)
     elif not isinstance(target_modules, str):
@@ -177,7 +178,13 @@ def inject_routed_lora(model, target_modules=None, r=4, lora_alpha=1, lora_dropo
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, layer)
     unfreeze_head(model)
-    return Router.of_modules(model, [(name, layer) for (name, _), layer in zip(found, routed)])
+    router = Router.of_modules(model, [(name, layer) for (name, _), layer in zip(found, routed)])
+    depth = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    if isinstance(depth, int) and router.num_layers < depth and targets_every_layer:
+        warnings.warn(f"the model runs {depth} transformer layers but its target modules sit in {router.num_layers} "
+                      "layer module(s): layers share their weights (as ALBERT's do), so each routing mask applies "
+                      "at several depths, not per layer as CleaR draws them", UserWarning, stacklevel=2)
+    return router
 
 
 def _is_target(name, targets):

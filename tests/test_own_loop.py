@@ -1,6 +1,7 @@
 """CleaR in a training loop of one's own: inject_routed_lora, Router.route, clean_probability, clear_loss
 (the README's "In your own training loop")."""
 import copy
+import warnings
 
 import numpy as np
 import pytest
@@ -186,3 +187,15 @@ def test_the_readme_own_loop_snippet_runs_as_written(model_and_batch):
     p_clean = scope["p_clean"]
     assert p_clean.shape == (4,) and bool(((p_clean >= 0) & (p_clean <= 1)).all())
     assert all(m.routing_mask is None for m in scope["router"].modules()), "ends with every adapter on"
+
+
+def test_shared_layer_weights_are_warned_of():
+    from transformers import AlbertConfig, AlbertForSequenceClassification
+
+    albert = AlbertForSequenceClassification(AlbertConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                                                          intermediate_size=64, embedding_size=16))
+    with pytest.warns(UserWarning, match="runs 3 transformer layers but its target modules sit in 1"):
+        assert inject_routed_lora(albert).num_layers == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        inject_routed_lora(_bert())  # one routed layer per transformer layer: no warning
