@@ -430,13 +430,17 @@ class GaussianMixture1D:
         k = self.n_components
         return 3 * k - 1  # k means, k variances, k - 1 free weights
 
+    def _minus_2_log_likelihood(self, x):
+        """(-2 * total log-likelihood as sklearn computes it, sample count), x converted once."""
+        log_density = self.score_samples(x)
+        return -2 * float(log_density.mean()) * len(log_density), len(log_density)
+
     def bic(self, x):
-        n = _as_tensor(x)[0].numel()
-        return -2 * self.score(x) * n + self._n_parameters() * math.log(n)
+        deviance, n = self._minus_2_log_likelihood(x)
+        return deviance + self._n_parameters() * math.log(n)
 
     def aic(self, x):
-        n = _as_tensor(x)[0].numel()
-        return -2 * self.score(x) * n + 2 * self._n_parameters()
+        return self._minus_2_log_likelihood(x)[0] + 2 * self._n_parameters()
 
 
 def _check_fitted(theta, reg_covar):

@@ -71,7 +71,7 @@ class TrainedClassifier:
             from peft import PeftModel
 
             model, tokenizer, _ = load_classifier(base, len(names), names)
-            max_length = usable_max_length(max_length, model, tokenizer)
+            max_length = usable_max_length(max_length, model, tokenizer)  # before peft wraps its embeddings
             with quiet_transformers():
                 model = PeftModel.from_pretrained(model, str(saved))
         else:
