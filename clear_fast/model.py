@@ -222,12 +222,20 @@ class Router:
     masks: [B, L] (sample b passes layer l's adapters iff masks[b, l]), or None for all routed.
     layer_paths: the dotted name of each routed transformer layer (model.get_submodule), when they
     are entries of one nn.ModuleList (what the shared-prefix pass needs); None otherwise.
+    static_masks: keep the masks in one buffer per batch size and device, written in place by each
+    set_masks, for a torch.compile'd model. Dynamo makes tensor attributes of modules static inputs,
+    whose addresses CUDA graphs (mode reduce-overhead) bake in: a new mask tensor per step made them
+    record their graphs again every step (an H100 step 4.5 x slower than eager). With it a second
+    set_masks of a batch size overwrites the masks that a forward of that size saved for its
+    backward: route, forward, backward, in that order (eager autograd raises otherwise).
     """
 
-    def __init__(self, layers, module_names, layer_paths=None):
+    def __init__(self, layers, module_names, layer_paths=None, static_masks=False):
         self.layers = layers
         self.module_names = module_names
         self.layer_paths = layer_paths
+        self.static_masks = static_masks
+        self._mask_buffers = {}  # (batch size, device) -> ([L, B] float32 buffer, its rows)
 
     @classmethod
     def from_model(cls, model):
@@ -259,11 +267,25 @@ class Router:
         if masks is not None and (masks.dim() != 2 or masks.shape[1] != len(self.layers)):
             raise ValueError(f"routing masks must be [batch, {len(self.layers)}] (one column per routed "
                              f"layer), got {tuple(masks.shape)}")
-        rows = [None] * len(self.layers) if masks is None else \
-            masks.T.to(torch.float32, memory_format=torch.contiguous_format).unbind(0)
+        if masks is None:
+            rows = [None] * len(self.layers)
+        elif self.static_masks:
+            rows = self._static_rows(masks)
+        else:
+            rows = masks.T.to(torch.float32, memory_format=torch.contiguous_format).unbind(0)
         for m, modules in zip(rows, self.layers):
             for module in modules:
                 object.__setattr__(module, "routing_mask", m)
+
+    def _static_rows(self, masks):
+        key = (masks.shape[0], masks.device)
+        found = self._mask_buffers.get(key)
+        if found is None:
+            with torch.inference_mode(False):  # written in inference passes, read in training steps
+                buffer = torch.empty((len(self.layers), masks.shape[0]), dtype=torch.float32, device=masks.device)
+            found = self._mask_buffers[key] = (buffer, buffer.unbind(0))
+        found[0].copy_(masks.T)
+        return found[1]
 
     def route(self, p_route, generator=None):
         """Draw each sample's mask for every layer, sample i passing a layer's adapters with

@@ -269,6 +269,8 @@ class Run:
         self.optimizer = torch.optim.AdamW(self.trainable, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                            fused=True if self.device.type == "cuda" else None)
         self.forward_model = torch.compile(model, mode=cfg.compile_mode) if cfg.compile else model
+        if router is not None:
+            router.static_masks = cfg.compile  # CUDA graphs keep the masks' addresses (Router's docstring)
         # The shared-prefix pass swaps layers per batch, which a compiled model would recompile for.
         self._share_prefix = (cfg.shared_prefix_pass and not cfg.compile and router is not None
                               and router.layer_paths is not None)

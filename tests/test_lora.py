@@ -328,6 +328,28 @@ def test_router_refuses_masks_of_another_layer_count():
     assert all(m[0].routing_mask is None for m in layers)
 
 
+def test_router_static_masks_write_one_buffer_per_batch_size():
+    """static_masks (compiled models): every set_masks of a batch size writes the same tensors,
+    also across inference mode; another batch size has its own."""
+    from clear_fast.model import Router
+
+    layers = [[_layer_with_adapter()] for _ in range(3)]
+    router = Router(layers, ["a", "b", "c"], static_masks=True)
+    g = torch.Generator().manual_seed(0)
+    first = torch.rand(4, 3, generator=g) < 0.5
+    with torch.inference_mode():
+        router.set_masks(first)
+    held = [m[0].routing_mask for m in layers]
+    for masks in (~first, torch.rand(6, 3, generator=g) < 0.5, first):
+        router.set_masks(masks)
+        for i, m in enumerate(layers):
+            assert torch.equal(m[0].routing_mask, masks[:, i].float())
+            assert (m[0].routing_mask is held[i]) == (len(masks) == 4)
+    x = torch.randn(4, 5, 16, requires_grad=True)
+    layers[0][0](x).sum().backward()  # usable in training after being written in inference mode
+    assert x.grad is not None
+
+
 def test_module_routing_mask_attribute_and_argument():
     layer = _layer_with_adapter()
     x = torch.randn(3, 5, 16)

@@ -317,16 +317,54 @@ def test_compiled_model_trains_and_matches_eager(tiny_models, toy_files, tmp_pat
                            "--no-plots", "--no-save-adapter"))
     run = Run(cfg)
     run.run()
+    assert run.forward_model is not run.model
     batch = run.test.batch(np.arange(8), "cpu")
     run.model.eval()
-    masks = torch.tensor([[1, 0], [0, 1], [1, 1], [0, 0]] * 2, dtype=torch.bool)
-    run.router.set_masks(masks)
-    with torch.no_grad():
-        compiled = run.forward_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        eager = run.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    first = torch.tensor([[1, 0], [0, 1], [1, 1], [0, 0]] * 2, dtype=torch.bool)
+    held = None
+    for masks in (first, ~first):  # the second set overwrites the first's buffer in place
+        run.router.set_masks(masks)
+        now = [m.routing_mask for m in run.router.modules()]
+        assert held is None or all(a is b for a, b in zip(now, held)), "a compiled run's masks moved"
+        held = now
+        with torch.no_grad():
+            compiled = run.forward_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            eager = run.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
     run.router.set_masks(None)
-    assert run.forward_model is not run.model
-    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_reduce_overhead_steps_replay_their_cuda_graphs(tmp_path):
+    """--compile-mode reduce-overhead: clear-lora steps with new routing masks each replay the
+    recorded CUDA graphs. Masks in new tensors each step made every step record again (dynamo makes
+    module tensor attributes static inputs); a re-record or a skipped graph raises here. A random
+    model: the GPU machine has no offline MiniLM for the tiny_models fixture's tokenizer."""
+    import torch._inductor.config
+    from torch._dynamo.utils import counters
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from clear_fast.config import TrainConfig
+    from clear_fast.model import inject_routed_lora
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                                                     num_attention_heads=2, intermediate_size=64, num_labels=4))
+    router = inject_routed_lora(model)
+    run = Run(TrainConfig(method="clear-lora", device="cuda", compile=True, compile_mode="reduce-overhead",
+                          progress=False, output_dir=str(tmp_path)).validate())
+    run.attach_model(model.cuda(), router)
+    run.model.train()
+    batch = {"input_ids": torch.randint(0, 100, (16, 12), device="cuda"),
+             "attention_mask": torch.ones(16, 12, dtype=torch.long, device="cuda"),
+             "labels": torch.randint(0, 4, (16,), device="cuda")}
+    p = torch.linspace(0.1, 0.9, 16, device="cuda")
+    counters.clear()
+    with torch._inductor.config.patch({"triton.cudagraph_or_error": True,
+                                       "triton.cudagraph_unexpected_rerecord_limit": 0}):
+        losses = [run.train_step(batch, p)[0].item() for _ in range(6)]
+    assert counters["inductor"]["cudagraph_skips"] == 0
+    assert all(np.isfinite(losses)) and len(set(losses)) > 1, losses
 
 
 def _run_with_live_adapters(tiny_models, toy_files, out, arch="bert", *extra):
