@@ -8,13 +8,12 @@
 # timed step follows an untimed one: expect epoch_table ~300 s, epoch_bf16 ~160 s, so gpu_tests +
 # epoch_table + epoch_bf16 fill one call),
 # lora_table + mixture_table ~130 s, probe_bf16 ~50 s; on an H200 kernel_sweep
-# (SWEEP_ARGS="--fractions 1.0") ~60 s. Next plan, two calls back to back (the second while the
-# machine is still warm): since the last GPU run the routed kernels lost their stride arguments and
-# every kernel launches through kernels/launch.py's Launcher (checked on the CPU against triton 3.9
-# and 3.6, never on a GPU; the routed layer's launches with prepared constexprs since stop 15, and its
-# input checks take a quick test first), so the CUDA tests of all three kernels first:
-#   STEPS="gpu_tests epoch_table epoch_bf16" GPU_TESTS="tests/test_lora_kernels.py tests/test_clear_loss.py tests/test_gmm_kernel.py" GPU_TESTS_ARGS="-k cuda" bash benchmarks/gpu_all.sh
-#   STEPS="host_overhead probe_bf16 epoch_compiled" bash benchmarks/gpu_all.sh
+# (SWEEP_ARGS="--fractions 1.0") ~60 s. Second H100 run (commit 21069ae, 2026-11-26 15:55): gpu_tests
+# of the three kernel files 67 s of tests, + epoch_table + epoch_bf16: 490 s in one call; host_overhead
+# + epoch_compiled (cut at its 200 s, MiniLM only, the steps then re-recording CUDA graphs): 230 s.
+# Next plan: the two CUDA tests changed since (the direct-launch test's u rows; the compiled run's CUDA
+# graphs, which needs no offline model) and the compiled steps after the mask fix, in one call:
+#   STEPS="gpu_tests epoch_compiled host_overhead_fp32" GPU_TESTS="tests/test_lora_kernels.py tests/test_train.py" GPU_TESTS_ARGS="-k cuda" bash benchmarks/gpu_all.sh
 # or a subset, e.g. STEPS="gpu_tests epoch_table" GPU_TESTS=tests/test_gmm_kernel.py (results also
 # land in $OUT when the device tool sets it; a second call in one command needs its own OUT).
 # The GPU machine has torch, triton, transformers, scikit-learn, pytest(-benchmark) and peft but no
@@ -69,5 +68,5 @@ step epoch_bf16 220 $PY benchmarks/epoch_table.py --models minilm bert-base --le
 step probe_bf16 120 $PY benchmarks/probe_bf16_pass.py
 # steps of compiled models (CUDA graphs): what a host-bound step costs without the host launching
 # each kernel; writes epoch_<device>_compile_reduce-overhead.*
-step epoch_compiled 200 $PY benchmarks/epoch_table.py --models minilm bert-base --lengths 128 --compile reduce-overhead
+step epoch_compiled 300 $PY benchmarks/epoch_table.py --models minilm bert-base --lengths 128 --compile reduce-overhead
 ls "$LOG"
