@@ -99,6 +99,9 @@ class TrainConfig:
     seed: int = _f(0, "seed of initialisation, data order and routing")
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
     bf16: bool = _f(False, "bf16 autocast (GPU)")
+    tf32: bool = _f(False, "TF32 tensor cores for float32 matrix products on a GPU (torch's float32 matmul "
+                    "precision 'high', the routed kernels too): faster fp32 steps, products rounded to "
+                    "about 1e-3; no effect on the CPU")
     compile: bool = _f(False, "torch.compile the model")
     compile_mode: str = _f("default", "torch.compile mode with --compile: default | reduce-overhead (CUDA "
                            "graphs on a GPU: a step's kernels replayed without the host launching each) | "

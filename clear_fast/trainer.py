@@ -502,6 +502,19 @@ class Run:
 
     # -- the whole run -------------------------------------------------------------------------
     def run(self):
+        if not self.cfg.tf32:
+            return self._run()
+        if self.device.type != "cuda":
+            warnings.warn("--tf32 has no effect on the CPU: float32 products stay IEEE")
+            return self._run()
+        before = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("high")  # cuBLAS and the routed kernels read it
+        try:
+            return self._run()
+        finally:
+            torch.set_float32_matmul_precision(before)
+
+    def _run(self):
         cfg = self.cfg
         t_start = time.perf_counter()
         self.check_output_dir()

@@ -702,3 +702,25 @@ def test_training_subset_missing_classes_warns_in_one_line(tiny_models, toy_file
     assert ("warning: the training set (3 samples) holds no sample of 1 of the 4 classes: raise "
             "--max-train-samples to at least 4") in err
     assert "UserWarning" not in err and "trainer.py" not in err
+
+
+def test_tf32_sets_matmul_precision_for_the_run_on_a_gpu_only(tiny_models, toy_files, tmp_path, monkeypatch):
+    """--tf32: float32 products in TF32 while a GPU run runs, as before afterwards (also after an
+    error); on the CPU a warning and nothing changed."""
+    seen = []
+    monkeypatch.setattr(Run, "_run", lambda self: seen.append(torch.get_float32_matmul_precision()))
+    before = torch.get_float32_matmul_precision()
+    run = Run(parse_config(cli(tiny_models["bert"], toy_files, tmp_path / "t", "--tf32", "--device", "cpu")))
+    with pytest.warns(UserWarning, match="--tf32 has no effect on the CPU"):
+        run.run()
+    run.device = torch.device("cuda")  # what run() reads; _run is replaced, so nothing touches a GPU
+    run.run()
+    assert seen == [before, "high"] and torch.get_float32_matmul_precision() == before
+
+    def fail(self):
+        raise RuntimeError("stopped")
+
+    monkeypatch.setattr(Run, "_run", fail)
+    with pytest.raises(RuntimeError, match="stopped"):
+        run.run()
+    assert torch.get_float32_matmul_precision() == before
