@@ -571,6 +571,7 @@ def parse_args(argv=None):
     ap.add_argument("--repeats", type=int, default=None, help="step repeats (default 10 CPU, 30 GPU)")
     ap.add_argument("--pass-repeats", type=int, default=3)
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast in every variant (GPU)")
+    ap.add_argument("--tf32", action="store_true", help="TF32 fp32 products in every variant (GPU; the CLI's --tf32)")
     ap.add_argument("--compile", default=None, metavar="MODE", choices=COMPILE_MODES,
                     help="torch.compile every variant's forward in this mode (the CLI's --compile "
                          "--compile-mode); steps only: the epoch sections are skipped (their batches "
@@ -607,6 +608,8 @@ def main(argv=None):
     clock = CLOCK[args.clock]
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.tf32:
+        torch.set_float32_matmul_precision("high")
     import peft
     import transformers
 
@@ -615,7 +618,8 @@ def main(argv=None):
                 torch_threads=torch.get_num_threads(), commit=_commit())
     print(json.dumps(info), flush=True)
     # bf16 and compiled figures beside the plain ones
-    stem = device_tag(device) + ("_bf16" if args.bf16 else "") + (f"_compile_{args.compile}" if args.compile else "")
+    stem = (device_tag(device) + ("_bf16" if args.bf16 else "") + ("_tf32" if args.tf32 else "")
+            + (f"_compile_{args.compile}" if args.compile else ""))
     os.makedirs(args.out, exist_ok=True)
     base = os.path.join(args.out, f"epoch_{stem}")
     command = "python benchmarks/epoch_table.py " + " ".join(sys.argv[1:] if argv is None else argv)

@@ -13,7 +13,7 @@
 # + epoch_compiled (cut at its 200 s, MiniLM only, the steps then re-recording CUDA graphs): 230 s.
 # Next plan: the two CUDA tests changed since (the direct-launch test's u rows; the compiled run's CUDA
 # graphs, which needs no offline model) and the compiled steps after the mask fix, in one call:
-#   STEPS="gpu_tests epoch_compiled host_overhead_fp32" GPU_TESTS="tests/test_lora_kernels.py tests/test_train.py" GPU_TESTS_ARGS="-k cuda" bash benchmarks/gpu_all.sh
+#   STEPS="gpu_tests epoch_compiled epoch_tf32" GPU_TESTS="tests/test_lora_kernels.py tests/test_train.py" GPU_TESTS_ARGS="-k cuda" bash benchmarks/gpu_all.sh
 # or a subset, e.g. STEPS="gpu_tests epoch_table" GPU_TESTS=tests/test_gmm_kernel.py (results also
 # land in $OUT when the device tool sets it; a second call in one command needs its own OUT).
 # The GPU machine has torch, triton, transformers, scikit-learn, pytest(-benchmark) and peft but no
@@ -39,7 +39,7 @@ $PY -c "import clear_fast.kernels.gmm" || echo "clear_fast does not import: ever
 
 step() {  # step NAME SECONDS COMMAND...: run with a timeout, log to $LOG/NAME.log, print its tail
     local name=$1 secs=$2; shift 2
-    [[ " ${STEPS:-gpu_tests kernel_sweep host_overhead host_overhead_fp32 lora_table mixture_table epoch_table epoch_bf16 probe_bf16 epoch_compiled} " == *" $name "* ]] || return 0
+    [[ " ${STEPS:-gpu_tests kernel_sweep host_overhead host_overhead_fp32 lora_table mixture_table epoch_table epoch_bf16 epoch_tf32 probe_bf16 epoch_compiled} " == *" $name "* ]] || return 0
     echo "== $name"
     timeout "$secs" "$@" >"$LOG/$name.log" 2>&1
     echo "   exit $?"
@@ -64,6 +64,8 @@ step mixture_table 100 $PY benchmarks/mixture_table.py --repeats 5 --sklearn-max
 step epoch_table 360 $PY benchmarks/epoch_table.py --models minilm bert-base --lengths 64 128 --epoch-samples 1280
 # the same under bf16 autocast (--bf16 on the CLI), at length 128; writes epoch_<device>_bf16.*
 step epoch_bf16 220 $PY benchmarks/epoch_table.py --models minilm bert-base --lengths 128 --epoch-samples 1280 --bf16
+# the same with TF32 fp32 products (--tf32 on the CLI), at length 128; writes epoch_<device>_tf32.*
+step epoch_tf32 220 $PY benchmarks/epoch_table.py --models minilm bert-base --lengths 128 --epoch-samples 1280 --tf32
 # where the bf16 clean-probability pass spends its time (torch.profiler; Triton recompiles)
 step probe_bf16 120 $PY benchmarks/probe_bf16_pass.py
 # steps of compiled models (CUDA graphs): what a host-bound step costs without the host launching
