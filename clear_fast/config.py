@@ -45,8 +45,8 @@ class TrainConfig:
     train_file: str = _f(None, "local CSV / TSV / JSON lines training file (replaces --dataset)")
     dev_file: str = _f(None, "optional local dev file")
     dev_fraction: float = _f(0.0, "for data without a dev split: hold out this stratified, seeded fraction of "
-                             "the training set as the dev split (its labels as given, before noise is "
-                             "injected; 0 = none)")
+                             "the whole training set (before --max-train-samples) as the dev split, its "
+                             "labels as given (noise goes into the rest; --max-eval-samples caps it; 0 = none)")
     test_file: str = _f(None, "local test file (required with --train-file)")
     text_column: str = _f("text", "text column of local files")
     label_column: str = _f("label", "label column of local files")

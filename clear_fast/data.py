@@ -402,7 +402,8 @@ def _load_hub(name: str, text_column: str, label_column: str) -> TextDataset:
             raise ValueError(f"Hugging Face dataset {name!r} has no labelled test or validation split "
                              f"(splits: {list(hub)})")
         split_names = {"train": "train", "test": "validation"}
-        notes.append(f"{name}: no labelled test split, so the validation split is the test set (and there is no dev set)")
+        notes.append(f"{name}: no labelled test split, so the validation split is the test set (no dev split "
+                     "then: --dev-fraction holds one out of the training set)")
         warnings.warn(notes[-1])
     if "train" not in hub:
         raise ValueError(f"Hugging Face dataset {name!r} has no train split (splits: {list(hub)})")
@@ -479,17 +480,19 @@ def stratified_subset(split: TextSplit, n: int | None, seed: int) -> TextSplit:
     return _take(split, _stratified_index(split.labels, n, seed))
 
 
-def _stratified_index(labels, n, seed):
-    """Sorted positions of n of the labels, each class's share kept (stratified_subset's rule)."""
+def _stratified_index(labels, n, seed, leave_one=False):
+    """Sorted positions of n of the labels, each class's share kept (stratified_subset's rule);
+    leave_one: at most all but one of each class (n must not exceed that)."""
     classes, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    most = counts - 1 if leave_one else counts
     ideal = n * counts / len(labels)
-    take = np.floor(ideal).astype(np.int64)
-    if n >= len(classes):
-        take = np.maximum(take, 1)
+    take = np.minimum(np.floor(ideal).astype(np.int64), most)
+    if n >= np.count_nonzero(most):
+        take = np.maximum(take, np.minimum(most, 1))
     # Hand the samples still missing to the classes rounded down the most; when the minimum of one
     # per class overshot n, take samples back from the classes furthest above their share.
     while take.sum() < n:
-        room = np.where(take < counts, ideal - take, -np.inf)
+        room = np.where(take < most, ideal - take, -np.inf)
         take[np.argmax(room)] += 1
     while take.sum() > n:
         excess = np.where(take > 1, take - ideal, -np.inf)
@@ -507,13 +510,14 @@ def _take(split: TextSplit, index) -> TextSplit:
 
 def hold_out(split: TextSplit, fraction: float, seed: int) -> tuple[TextSplit, TextSplit]:
     """(rest, held): a seeded stratified ``fraction`` of the samples (stratified_subset's rule) and the
-    others, both in their original order. A class with one sample keeps it for training."""
-    counts = np.bincount(split.labels)
-    eligible = np.flatnonzero(counts[split.labels] > 1)
+    others, both in their original order. Every class keeps at least one sample in rest."""
     n = round(fraction * len(split))
-    if not 1 <= n < len(eligible):
-        raise ValueError(f"holding out {fraction:g} of {len(split)} samples leaves "
-                         + ("none held out" if n < 1 else "none to train on"))
-    held = eligible[_stratified_index(split.labels[eligible], n, seed)]
+    most = len(split) - len(np.unique(split.labels))
+    if n < 1:
+        raise ValueError(f"{fraction:g} of {len(split)} samples holds out none")
+    if n > most:
+        raise ValueError(f"{fraction:g} of {len(split)} samples is {n}, but at most {most} can be held out "
+                         "with a training sample left in every class")
+    held = _stratified_index(split.labels, n, seed, leave_one=True)
     rest = np.setdiff1d(np.arange(len(split)), held)
     return _take(split, rest), _take(split, held)

@@ -261,8 +261,12 @@ def _split_sizes(cfg):
     sizes = _SIZES[key]
     if sizes is None:
         return None
+    train, dev, test = sizes
+    if cfg.dev_fraction and not dev:
+        dev = round(cfg.dev_fraction * train)
+        train -= dev
     cap = lambda n, m: min(n, m) if m else n
-    return cap(sizes[0], cfg.max_train_samples), cap(sizes[1], cfg.max_eval_samples), cap(sizes[2], cfg.max_eval_samples)
+    return cap(train, cfg.max_train_samples), cap(dev, cfg.max_eval_samples), cap(test, cfg.max_eval_samples)
 
 
 def estimate_seconds(spec, cost=DEFAULT_COST):

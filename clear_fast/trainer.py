@@ -5,6 +5,7 @@ evaluation, then the clean-probability pass whose clean probabilities and ensemb
 next epoch (it runs after the last update of an epoch, which is the same as "before the first update
 of the next"). Every epoch ends with an atomic checkpoint, so --resume continues to the same result.
 """
+import contextlib
 import csv
 import hashlib
 import io as _io
@@ -233,7 +234,8 @@ class Run:
         features = None
         if cfg.noise_type == "instance":
             self.model.eval()
-            emb = sentence_embeddings(self.model, self.train.sorted_batches(cfg.eval_batch_size, self.device))
+            with float32_matmul_precision("highest"):  # the noise drawn does not depend on --tf32
+                emb = sentence_embeddings(self.model, self.train.sorted_batches(cfg.eval_batch_size, self.device))
             features = np.empty((len(self.train), emb.shape[1]), dtype=np.float32)
             features[np.argsort(self.train.lengths, kind="stable")] = emb.numpy()
         noise = inject_noise(self.true_labels.numpy(), data.num_classes, cfg.noise_type, cfg.noise_rate,
@@ -513,17 +515,11 @@ class Run:
 
     # -- the whole run -------------------------------------------------------------------------
     def run(self):
-        if not self.cfg.tf32:
-            return self._run()
-        if self.device.type != "cuda":
+        if self.cfg.tf32 and self.device.type != "cuda":
             warnings.warn("--tf32 has no effect on the CPU: float32 products stay IEEE")
+        # cuBLAS and the routed kernels read it
+        with float32_matmul_precision("high" if self.cfg.tf32 and self.device.type == "cuda" else None):
             return self._run()
-        before = torch.get_float32_matmul_precision()
-        torch.set_float32_matmul_precision("high")  # cuBLAS and the routed kernels read it
-        try:
-            return self._run()
-        finally:
-            torch.set_float32_matmul_precision(before)
 
     def _run(self):
         cfg = self.cfg
@@ -709,6 +705,18 @@ def _fingerprint(split, label_names):
     for text, label in zip(split.texts, split.labels):
         h.update(f"{text}\x1f{label_names[label]}\x1e".encode())
     return {"samples": len(split), "sha256": h.hexdigest()}
+
+
+@contextlib.contextmanager
+def float32_matmul_precision(precision):
+    """torch's float32 matmul precision inside (None: unchanged), as it was afterwards."""
+    before = torch.get_float32_matmul_precision()
+    if precision is not None:
+        torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def _pick_device(name):

@@ -297,11 +297,18 @@ def test_hold_out_splits_stratified_and_disjoint():
     assert held.texts == sorted(held.texts, key=lambda t: int(t[1:]))  # original order kept
     again, other = hold_out(split, 0.2, seed=3), hold_out(split, 0.2, seed=4)
     assert again[1].texts == held.texts and other[1].texts != held.texts
-    for bad in (0.001, 0.999):
-        with pytest.raises(ValueError, match="leaves none"):
-            hold_out(split, bad, seed=0)
-    rare = TextSplit(split.texts + ["only"], np.append(labels, 3))  # a class of one sample stays in training
+    with pytest.raises(ValueError, match="holds out none"):
+        hold_out(split, 0.001, seed=0)
+    with pytest.raises(ValueError, match="at most 97 can be held out"):
+        hold_out(split, 0.99, seed=0)
+    # every class keeps a training sample: one of a class of one, of each class of a small split
+    rare = TextSplit(split.texts + ["only"], np.append(labels, 3))
     assert 3 in hold_out(rare, 0.2, seed=3)[0].labels
+    for seed in range(20):
+        rest, held = hold_out(TextSplit(list("abcdef"), [0, 0, 1, 1, 2, 2]), 0.5, seed)
+        assert sorted(rest.labels) == [0, 1, 2] and len(held) == 3
+    tail = TextSplit([str(i) for i in range(80)], np.r_[np.arange(50), np.repeat(np.arange(50, 60), 3)])
+    assert set(hold_out(tail, 0.25, seed=0)[0].labels) == set(range(60))
 
 
 def test_stratified_subset_keeps_class_shares(banking_train):

@@ -726,6 +726,25 @@ def test_tf32_sets_matmul_precision_for_the_run_on_a_gpu_only(tiny_models, toy_f
     assert torch.get_float32_matmul_precision() == before
 
 
+def test_instance_noise_embeddings_use_ieee_products(tiny_models, toy_files, tmp_path, monkeypatch):
+    """The sentence embeddings that draw instance-dependent noise are computed in IEEE fp32 whatever
+    the matmul precision (--tf32), so a TF32 run trains on the same noisy labels."""
+    from clear_fast import trainer
+
+    seen = []
+
+    def embeddings(model, batches):
+        seen.append(torch.get_float32_matmul_precision())
+        return torch.randn(sum(len(b["index"]) for b in batches), 8)
+
+    monkeypatch.setattr(trainer, "sentence_embeddings", embeddings)
+    run = Run(parse_config(cli(tiny_models["bert"], toy_files, tmp_path / "i", "--noise-type", "instance")))
+    with trainer.float32_matmul_precision("high"):
+        run.load()
+        assert torch.get_float32_matmul_precision() == "high"
+    assert seen == ["highest"]
+
+
 def test_dev_fraction_holds_out_a_dev_split(tiny_models, toy_files, tmp_path, capsys):
     """--dev-fraction: data without a dev split gets one from the training set, stratified, before
     noise is injected (its labels as given); refused where a dev split exists."""
@@ -735,8 +754,14 @@ def test_dev_fraction_holds_out_a_dev_split(tiny_models, toy_files, tmp_path, ca
     run = Run(parse_config(with_dev[:at] + with_dev[at + 2:]))
     results = run.run()
     assert (len(run.train), len(run.dev)) == (120, 40)  # of 160 training rows, 10 of each class held out
-    assert np.bincount(run.dev.labels.numpy()).tolist() == [10] * 4
-    assert not run.clean_mask.all()  # the noise went into the rest
+    from clear_fast.data import hold_out, load_dataset
+
+    given = load_dataset(train_file=toy_files / "train.csv", test_file=toy_files / "test.csv")
+    rest, held = hold_out(given.train, 0.25, seed=0)  # --data-seed 0
+    assert np.bincount(held.labels).tolist() == [10] * 4
+    assert torch.equal(run.dev.labels, torch.as_tensor(held.labels))  # dev labels as given
+    assert torch.equal(run.true_labels, torch.as_tensor(rest.labels))  # training on the rest ...
+    assert not run.clean_mask.all()  # ... with the noise in it
     assert any("held out of the training set" in n for n in results["data_notes"])
     records = [json.loads(line) for line in (tmp_path / "d" / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 2 and all(r["dev_accuracy"] is not None for r in records)
