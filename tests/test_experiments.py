@@ -366,3 +366,13 @@ def test_an_option_missing_from_an_older_run_counts_as_its_default(tmp_path):
     cfg.write_text(json.dumps(res))
     table, _ = ex.report(r, tmp_path / "out")
     assert table[0]["mixed_settings"]
+
+
+def test_time_estimate_sizes_count_a_held_out_dev_split(tmp_path):
+    from clear_fast.config import TrainConfig
+
+    for split, n in (("train", 160), ("test", 60)):
+        (tmp_path / f"{split}.csv").write_text("text,label\n" + "".join(f"t{i},c{i % 4}\n" for i in range(n)))
+    cfg = TrainConfig(train_file=str(tmp_path / "train.csv"), test_file=str(tmp_path / "test.csv"),
+                      dev_fraction=0.25, max_eval_samples=30).validate()
+    assert ex._split_sizes(cfg) == (120, 30, 30)
