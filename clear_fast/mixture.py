@@ -27,6 +27,7 @@ does) and fit one real component plus an empty one at mean 0 (sklearn's result);
 then returns p_clean = 1 for every sample, since there is nothing to separate.
 """
 import functools
+import inspect
 import math
 import warnings
 
@@ -328,7 +329,7 @@ class GaussianMixture1D:
     """scikit-learn's GaussianMixture(covariance_type="full", n_init=1) for 1-D data, fast.
 
     fit(x) -> self; predict_proba(x) [N, K]; predict(x) [N]; score_samples(x) [N] (log density);
-    fit_predict(x), score(x), bic(x), aic(x) as sklearn's.
+    fit_predict(x), score(x), bic(x), aic(x), get_params(), set_params(**p) as sklearn's.
     x: numpy array / array-like or torch tensor, [N] or [N, 1], any real dtype; computed in float64
     on x's device. numpy in -> numpy out; torch in -> torch out (float64) on x's device. Fitted
     attributes follow the type of the data given to fit: means_ [K], variances_ [K], covariances_
@@ -358,6 +359,26 @@ class GaussianMixture1D:
         self.reg_covar = float(reg_covar)
         self.max_iter, self.init_params = int(max_iter), init_params
         self.random_state, self.backend = random_state, backend
+
+    _PARAMS = ("n_components", "tol", "reg_covar", "max_iter", "init_params", "random_state", "backend")
+
+    def get_params(self, deep=True):
+        """The constructor's arguments, as sklearn's estimators give them (sklearn.base.clone uses it)."""
+        return {name: getattr(self, name) for name in self._PARAMS}
+
+    def set_params(self, **params):
+        """Change constructor arguments, checked as the constructor checks them; returns self."""
+        unknown = sorted(set(params) - set(self._PARAMS))
+        if unknown:
+            raise ValueError(f"unknown parameter(s) {', '.join(unknown)} of GaussianMixture1D; valid: "
+                             f"{', '.join(self._PARAMS)}")
+        self.__init__(**{**self.get_params(), **params})
+        return self
+
+    def __repr__(self):
+        defaults = inspect.signature(GaussianMixture1D.__init__).parameters
+        changed = [f"{k}={v!r}" for k, v in self.get_params().items() if v != defaults[k].default]
+        return f"GaussianMixture1D({', '.join(changed)})"
 
     def _backend_for(self, x):
         return _em_triton if use_triton(x, self.backend) else _em_torch

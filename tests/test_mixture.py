@@ -322,3 +322,20 @@ def test_model_selection_members_match_sklearn():
         np.testing.assert_array_equal(ours.fit_predict(x), theirs.fit_predict(x[:, None]))
         for name in ("score", "bic", "aic"):
             assert getattr(ours, name)(x) == pytest.approx(getattr(theirs, name)(x[:, None]), rel=1e-9), name
+
+
+def test_params_as_sklearn_estimators_give_them():
+    """get_params / set_params / repr: sklearn.base.clone copies the settings, not the fit; set_params
+    checks as the constructor does."""
+    from sklearn.base import clone
+
+    gmm = GaussianMixture1D(n_components=3, tol=1e-5).fit(np.r_[np.zeros(5), np.ones(5), 2 * np.ones(5)])
+    copy = clone(gmm)
+    assert copy.get_params() == gmm.get_params() and copy.get_params()["n_components"] == 3
+    assert not hasattr(copy, "means_")
+    assert gmm.set_params(max_iter=7) is gmm and gmm.max_iter == 7 and gmm.n_components == 3
+    assert repr(gmm) == "GaussianMixture1D(n_components=3, tol=1e-05, max_iter=7)"
+    with pytest.raises(ValueError, match="unknown parameter.*n_init"):
+        gmm.set_params(n_init=3)
+    with pytest.raises(ValueError, match="n_components must be a positive int"):
+        gmm.set_params(n_components=0)
