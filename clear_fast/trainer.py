@@ -515,10 +515,10 @@ class Run:
 
     # -- the whole run -------------------------------------------------------------------------
     def run(self):
-        if self.cfg.tf32 and self.device.type != "cuda":
+        tf32 = self.cfg.tf32 and self.device.type == "cuda"
+        if self.cfg.tf32 and not tf32:
             warnings.warn("--tf32 has no effect on the CPU: float32 products stay IEEE")
-        # cuBLAS and the routed kernels read it
-        with float32_matmul_precision("high" if self.cfg.tf32 and self.device.type == "cuda" else None):
+        with float32_matmul_precision("high" if tf32 else None):  # cuBLAS and the routed kernels read it
             return self._run()
 
     def _run(self):
