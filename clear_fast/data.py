@@ -212,25 +212,49 @@ def _not_utf8(path, e: UnicodeDecodeError) -> UserError:
     return UserError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}): save it as UTF-8")
 
 
+_QUOTING = ("a field that starts with a quote must end with one, followed by the delimiter or the line's "
+            "end: quote the whole field and double each quote inside it (\"\"), or remove the opening quote")
+
+
 def _read_delimited(path: Path, delimiter: str) -> tuple[list[str], list[dict]]:
+    # strict: a stray quote is an error, not a field silently run together with what follows it
     with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f, delimiter=delimiter)
-        header = next(reader, None)
-        if header is None:
-            raise ValueError(f"{path}: empty file (no header row)")
-        repeated = sorted({c for c in header if header.count(c) > 1})
-        if repeated:  # a row as a dict would keep only the last of them, silently
-            raise ValueError(f"{path}: the header names column(s) {repeated} more than once; give each "
-                             "column its own name")
-        records = []
-        for row in reader:
-            if not row:  # blank line
-                continue
-            if len(row) != len(header):
-                raise ValueError(f"{path}: line {reader.line_num} has {len(row)} fields, the header has "
-                                 f"{len(header)} ({header}); check the delimiter and quoting")
-            records.append(dict(zip(header, row)))
+        reader = csv.reader(f, delimiter=delimiter, strict=True)
+        try:
+            header = next(reader, None)
+            if header is None:
+                raise ValueError(f"{path}: empty file (no header row)")
+            repeated = sorted({c for c in header if header.count(c) > 1})
+            if repeated:  # a row as a dict would keep only the last of them, silently
+                raise ValueError(f"{path}: the header names column(s) {repeated} more than once; give each "
+                                 "column its own name")
+            records, merged, last = [], [], reader.line_num
+            for row in reader:
+                first, last = last + 1, reader.line_num
+                if not row:  # blank line
+                    continue
+                if len(row) != len(header):
+                    raise ValueError(f"{path}: line {last} has {len(row)} fields, the header has "
+                                     f"{len(header)} ({header}); check the delimiter and quoting")
+                if last > first and _holds_rows(row, delimiter):
+                    merged.append(f"{first}-{last}")
+                records.append(dict(zip(header, row)))
+        except csv.Error as e:
+            raise ValueError(f"{path}: line {reader.line_num}: {e}; {_QUOTING}") from None
+    if merged:
+        what = (f"{path}: the quoted field(s) of lines {', '.join(merged[:5])}{' ...' if len(merged) > 5 else ''} "
+                f"run over several lines that hold the delimiter {delimiter!r} themselves: rows read as one, "
+                f"an unbalanced quote? {_QUOTING}")
+        if delimiter == "\t":  # a tab inside a text is never meant
+            raise ValueError(what)
+        warnings.warn(what + " (if the texts really hold line breaks and commas, ignore this)", stacklevel=3)
     return header, records
+
+
+def _holds_rows(row, delimiter):
+    """Whether a field read over several lines has a later line holding the delimiter: the mark of
+    rows swallowed by an unbalanced quote."""
+    return any(delimiter in line for field in row for line in field.split("\n")[1:])
 
 
 _NOT_AN_ARRAY = " (.json files are read as JSON lines too: one object per line, not one array of them)"

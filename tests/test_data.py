@@ -47,6 +47,28 @@ def test_banking77_quoted_fields_parse():
     assert d.label_names[d.train.labels[d.train.texts.index("\nHow do I unblock my PIN?")]] == "pin_blocked"
 
 
+@pytest.mark.parametrize("body, error", [
+    ('"Hello" world\ta\n', r"line 2: .* expected after .*quote the whole field"),
+    ('"never closed\ta\nnext\tb\n', "line 3: unexpected end of data"),
+    ('"svn: how\ta\nnext row\tb\nends quoted"\tc\n', "lines 2-4 run over several lines"),
+])
+def test_tsv_stray_quotes_are_errors_not_merged_rows(tmp_path, body, error):
+    """A quote that does not follow CSV quoting used to run rows together, or drop itself, silently."""
+    (tmp_path / "train.tsv").write_text("text\tlabel\n" + body)
+    (tmp_path / "test.tsv").write_text("text\tlabel\nfine\ta\n")
+    with pytest.raises(ValueError, match=error):
+        load_dataset(train_file=tmp_path / "train.tsv", test_file=tmp_path / "test.tsv")
+
+
+def test_csv_quoted_field_over_rows_warns_and_quotes_inside_text_stay(tmp_path):
+    (tmp_path / "train.csv").write_text('text,label\n"svn: how,a\nnext row,b\nends quoted",c\nHe said "hi",a\n'
+                                        '"two\nlines",b\n')
+    (tmp_path / "test.csv").write_text("text,label\nfine,a\n")
+    with pytest.warns(UserWarning, match=r"lines 2-4 run over several lines that hold the delimiter ','"):
+        d = load_dataset(train_file=tmp_path / "train.csv", test_file=tmp_path / "test.csv")
+    assert d.train.texts[1:] == ['He said "hi"', "two\nlines"]  # only lines 2-4 were flagged
+
+
 def test_20newsgroups_has_the_leaked_label_stripped():
     d = load_dataset("20newsgroups")
     for split in (d.train, d.dev, d.test):
