@@ -38,6 +38,7 @@ class DataTypeError(UserError, TypeError):
 class TextSplit:
     texts: list[str]
     labels: np.ndarray  # int64 class ids
+    rows: np.ndarray = None  # each sample's row in its source (1 = the first; JSON lines: its line)
 
     def __post_init__(self):
         self.labels = np.asarray(self.labels, dtype=np.int64)
@@ -45,6 +46,7 @@ class TextSplit:
             raise ValueError(
                 f"TextSplit needs one label per text: {len(self.texts)} texts, "
                 f"labels of shape {self.labels.shape}")
+        self.rows = np.arange(1, len(self.texts) + 1) if self.rows is None else np.asarray(self.rows, dtype=np.int64)
 
     def __len__(self):
         return len(self.texts)
@@ -113,8 +115,8 @@ def _load_builtin(name: str) -> TextDataset:
     # lines), so csv's default dialect parses them; QUOTE_NONE would split rows wrongly.
     raw = {split: _read_table(folder / f"{split}.tsv", "text", "label") for split in ("train", "dev", "test")}
     if spec.clean_text is not None:
-        raw = {s: ([spec.clean_text(t, y) for t, y in zip(texts, labels)], labels)
-               for s, (texts, labels) in raw.items()}
+        raw = {s: ([spec.clean_text(t, y) for t, y in zip(texts, labels)], labels, rows)
+               for s, (texts, labels, rows) in raw.items()}
     dataset = _encode_splits(name, raw, {s: folder / f"{s}.tsv" for s in raw})
     if dataset.num_classes != spec.num_classes:
         raise ValueError(f"built-in dataset {name}: expected {spec.num_classes} classes in "
@@ -130,15 +132,15 @@ _DELIMITERS = {".csv": ",", ".tsv": "\t"}
 _JSON_EXTENSIONS = (".jsonl", ".json")
 
 
-def _read_table(path, text_column: str, label_column: str) -> tuple[list[str], list[str]]:
-    """Read one CSV / TSV / JSON-lines file into (texts, raw string labels), checking every row."""
+def _read_table(path, text_column: str, label_column: str) -> tuple[list[str], list[str], list[int]]:
+    """Read one CSV / TSV / JSON-lines file into (texts, raw string labels, rows), checking every row."""
     path = Path(path)
-    columns, records, _ = _read_records(path)
+    columns, records, rows = _read_records(path)
     for column in (text_column, label_column):
         _check_column(path, columns, column)
     texts = _checked_texts([r.get(text_column) for r in records], path, text_column)
     labels = _checked_labels([r.get(label_column) for r in records], path, label_column)
-    return texts, labels
+    return texts, labels, rows
 
 
 def read_texts(path, text_column: str = "text", label_column: str = "label", label_required: bool = False):
@@ -337,7 +339,7 @@ def _sorted_label_names(labels: list[str]) -> list[str]:
 
 
 def _encode_splits(name: str, raw: dict, sources: dict, label_names: list[str] | None = None) -> TextDataset:
-    """raw: split -> (texts, string labels); label set from train unless given (a ClassLabel)."""
+    """raw: split -> (texts, string labels[, rows]); label set from train unless given (a ClassLabel)."""
     if label_names is None:
         label_names = _sorted_label_names(raw["train"][1])
     if len(label_names) < 2:
@@ -345,12 +347,12 @@ def _encode_splits(name: str, raw: dict, sources: dict, label_names: list[str] |
                          f"{label_names}; a classifier needs at least two")
     ids = {n: i for i, n in enumerate(label_names)}
     splits = {}
-    for split, (texts, labels) in raw.items():
+    for split, (texts, labels, *rows) in raw.items():
         unseen = sorted(set(labels) - ids.keys())
         if unseen:
             shown = unseen[:10] + (["..."] if len(unseen) > 10 else [])
             raise ValueError(f"{sources[split]}: {len(unseen)} label(s) not in the training labels: {shown}")
-        splits[split] = TextSplit(list(texts), np.array([ids[y] for y in labels], dtype=np.int64))
+        splits[split] = TextSplit(list(texts), np.array([ids[y] for y in labels], dtype=np.int64), *rows)
     return TextDataset(name, splits["train"], splits.get("dev"), splits["test"], list(label_names))
 
 
@@ -529,7 +531,7 @@ def _stratified_index(labels, n, seed, leave_one=False):
 
 
 def _take(split: TextSplit, index) -> TextSplit:
-    return TextSplit([split.texts[i] for i in index], split.labels[index])
+    return TextSplit([split.texts[i] for i in index], split.labels[index], split.rows[index])
 
 
 def hold_out(split: TextSplit, fraction: float, seed: int) -> tuple[TextSplit, TextSplit]:

@@ -647,13 +647,15 @@ class Run:
         buf = _io.StringIO()
         w = csv.writer(buf)
         injected = self.cfg.injects_noise  # else the truth is not known
-        w.writerow(["index", "observed_label", *(["true_label", "flipped"] if injected else []), "loss",
+        # index: position in the training set as run; row: in the source (predict's row)
+        w.writerow(["index", "row", "observed_label", *(["true_label", "flipped"] if injected else []), "loss",
                     "clean_probability", "predicted_label", "text"])
         p, losses, pred = (pass_out[k].numpy() for k in ("p_clean", "losses", "pred"))
         names, obs, true = self.label_names, self.train.labels.numpy(), self.true_labels.numpy()
+        rows = self.train_split.rows
         for i in np.lexsort((-losses, p)):  # least likely clean first, then highest loss
             truth = [names[true[i]], int(obs[i] != true[i])] if injected else []
-            w.writerow([i, names[obs[i]], *truth, f"{losses[i]:.6g}", f"{p[i]:.6g}", names[pred[i]],
+            w.writerow([i, rows[i], names[obs[i]], *truth, f"{losses[i]:.6g}", f"{p[i]:.6g}", names[pred[i]],
                         self.train_split.texts[i]])
         io.write_text(self.out / "per_sample.csv", buf.getvalue())
 

@@ -315,6 +315,7 @@ def test_hold_out_splits_stratified_and_disjoint():
     split = TextSplit([f"t{i}" for i in range(100)], labels)
     rest, held = hold_out(split, 0.2, seed=3)
     assert np.bincount(held.labels).tolist() == [10, 6, 4] and len(rest) == 80
+    assert all(t == f"t{r - 1}" for part in (rest, held) for t, r in zip(part.texts, part.rows))  # rows follow
     assert sorted(rest.texts + held.texts, key=lambda t: int(t[1:])) == split.texts  # a partition
     assert held.texts == sorted(held.texts, key=lambda t: int(t[1:]))  # original order kept
     again, other = hold_out(split, 0.2, seed=3), hold_out(split, 0.2, seed=4)

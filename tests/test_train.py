@@ -154,8 +154,12 @@ def test_own_files_keep_their_labels_and_per_sample_csv_claims_no_truth(tiny_mod
         rows = list(csv.DictReader(f))
     assert "true_label" not in rows[0] and "flipped" not in rows[0]
     with open(toy_files / "train.csv", newline="") as f:
-        given = {(r["text"], r["label"]) for r in csv.DictReader(f)}
-    assert {(r["text"], r["observed_label"]) for r in rows} == given, "the labels must be the file's"
+        given = list(csv.DictReader(f))
+    assert {(r["text"], r["observed_label"]) for r in rows} == {(r["text"], r["label"]) for r in given}, \
+        "the labels must be the file's"
+    # row: the sample's data row in the file, as predict numbers them
+    assert all(given[int(r["row"]) - 1]["text"] == r["text"] for r in rows)
+    assert sorted(int(r["row"]) for r in rows) == list(range(1, 161))
 
 
 def test_max_length_beyond_the_model_is_cut_to_it_with_a_warning(tiny_models, toy_files, tmp_path, capsys):
@@ -763,6 +767,7 @@ def test_dev_fraction_holds_out_a_dev_split(tiny_models, toy_files, tmp_path, ca
     assert torch.equal(run.true_labels, torch.as_tensor(rest.labels))  # training on the rest ...
     assert not run.clean_mask.all()  # ... with the noise in it
     assert any("held out of the training set" in n for n in results["data_notes"])
+    assert run.train_split.rows.tolist() == rest.rows.tolist()  # rows of the file, the held-out ones missing
     records = [json.loads(line) for line in (tmp_path / "d" / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 2 and all(r["dev_accuracy"] is not None for r in records)
     assert main(with_dev) == 2  # toy_files has a dev file
