@@ -318,7 +318,9 @@ class Run:
         # the steps' per-sample CE and logits feed the clean-probability fit with --clean-prob-source
         # train-steps only; otherwise they are not kept (two copies per step saved)
         record = cfg.clean_prob_source == "train-steps"
-        step_ce = torch.empty(n, device=self.device) if record else None
+        # the cross-entropy apart from the consistency term, which adds the teacher's entropy to the loss
+        keep_ce = record or teacher is not None
+        step_ce = torch.empty(n, device=self.device) if keep_ce else None
         step_logits = torch.empty(n, len(self.label_names), device=self.device) if record else None
         loss_sum = torch.zeros((), device=self.device)
         steps = range(0, n, cfg.batch_size)
@@ -329,8 +331,9 @@ class Run:
             batch = self.train.batch(order[s:e], self.device)
             loss, ce, logits, masks = self.train_step(batch, None if p_route is None else p_route[s:e],
                                                       None if teacher is None else teacher[s:e], shield_head)
-            if record:
+            if keep_ce:
                 step_ce[s:e] = ce
+            if record:
                 step_logits[s:e] = logits.detach()
             loss_sum.add_(loss.detach(), alpha=e - s)
             if masks is not None:
@@ -342,7 +345,9 @@ class Run:
             routed_fraction = None
         else:
             routed_fraction = 1.0 if p_route is None else float(routed.sum()) / (n * self.router.num_layers)
-        return {"train_loss": float(loss_sum) / n, "routed_fraction": routed_fraction,
+        train_loss = float(loss_sum) / n
+        return {"train_loss": train_loss, "train_ce": float(step_ce.mean()) if keep_ce else train_loss,
+                "routed_fraction": routed_fraction,
                 "step_ce": _unpermuted(step_ce, positions) if record else None,
                 "step_logits": _unpermuted(step_logits, positions) if record else None}
 
@@ -605,7 +610,8 @@ class Run:
         p = cp["p_clean"].cpu().numpy()
         pred = cp["zbar"].argmax(-1).cpu().numpy()
         rec = {"epoch": epoch + 1, "phase": "warm-up" if (warm and self.routed) else "train",
-               "train_loss": ep["train_loss"], "test_accuracy": test_acc, "dev_accuracy": dev_acc,
+               "train_loss": ep["train_loss"], "train_ce": ep["train_ce"], "test_accuracy": test_acc,
+               "dev_accuracy": dev_acc,
                "routed_fraction": ep["routed_fraction"], "mixture": metrics.mixture_summary(cp["gmm"])}
         det = metrics.clean_detection(p, self.clean_mask, true_labels=self.true_labels.numpy())
         rec.update({"clean_" + k: v for k, v in det.items()})
@@ -687,8 +693,9 @@ def _unpermuted(values, positions):
 
 
 def _epoch_line(r, total):
-    parts = [f"epoch {r['epoch']}/{total} ({r['phase']})", f"loss {r['train_loss']:.3f}",
-             f"test {r['test_accuracy']:.4f}"]
+    ce = r.get("train_ce", r["train_loss"])  # apart from the consistency term (older runs: not recorded)
+    loss = f"loss {r['train_loss']:.3f}" + (f" (CE {ce:.3f})" if abs(ce - r["train_loss"]) > 5e-4 else "")
+    parts = [f"epoch {r['epoch']}/{total} ({r['phase']})", loss, f"test {r['test_accuracy']:.4f}"]
     if r["dev_accuracy"] is not None:
         parts.append(f"dev {r['dev_accuracy']:.4f}")
     if r.get("clean_auroc") is not None:

@@ -37,13 +37,18 @@ def test_every_method_runs_end_to_end(tiny_models, toy_files, tmp_path, method, 
                for r in recs)
     noise = json.loads((out / "noise.json").read_text())
     assert len(noise["clean_mask"]) == 160
-    lines = (out / "per_sample.csv").read_text().splitlines()
-    assert len(lines) == 161
-    rows = [l.split(",") for l in lines[1:]]
+    with open(out / "per_sample.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 160
     # the clean mask says exactly which observed labels differ from the true ones
-    assert all(noise["clean_mask"][int(r[0])] == (r[1] == r[2]) == (r[3] == "0") for r in rows)
+    assert all(noise["clean_mask"][int(r["index"])] == (r["observed_label"] == r["true_label"]) == (r["flipped"] == "0")
+               for r in rows)
     assert 0 < sum(noise["clean_mask"]) < 160
-    p = [float(l.split(",")[5]) for l in lines[1:]]
+    # train_ce: the loss without the consistency term (a CE against the teacher, never below 0)
+    for r in recs:
+        teacher = method in ("clear-lora", "oracle-lora") and r["phase"] == "train"
+        assert r["train_ce"] < r["train_loss"] if teacher else r["train_ce"] == pytest.approx(r["train_loss"])
+    p = [float(r["clean_probability"]) for r in rows]
     assert p == sorted(p), "per_sample.csv must list the likeliest label errors first"
     assert (out / "plots" / "curves.png").exists() and (out / "plots" / "loss_hist_epoch03.png").exists()
     assert (out / ("model" if method == "full" else "adapter")).is_dir()
