@@ -491,10 +491,11 @@ def save_peft_adapter(model, router, base_path, out_dir):
     return Path(out_dir)
 
 
-def save_adapter(model, router, out_dir, label_names, base_model=None, epoch=None):
+def save_adapter(model, router, out_dir, label_names, base_model=None, epoch=None, max_length=None):
     """Save a model trained in a loop of one's own as the CLI saves its adapter/: peft's format plus
-    labels.json, so that TrainedClassifier.from_run(out_dir, max_length=...) and peft load it.
-    base_model: the pretrained classifier's name or folder (default: the one the model was loaded from)."""
+    labels.json, so that TrainedClassifier.from_run(out_dir) and peft load it.
+    base_model: the pretrained classifier's name or folder (default: the one the model was loaded from);
+    max_length: the tokens per text it was trained on (from_run's default; else from_run needs it)."""
     base_model = base_model or getattr(model.config, "_name_or_path", "") or None
     if base_model is not None and os.path.isdir(base_model):
         base_model = os.path.abspath(base_model)  # labels.json is read from anywhere
@@ -506,14 +507,15 @@ def save_adapter(model, router, out_dir, label_names, base_model=None, epoch=Non
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_peft_adapter(model, router, resolve_model_path(base_model), out_dir)
-    write_labels_json(out_dir, label_names, base_model, epoch)
+    write_labels_json(out_dir, label_names, base_model, epoch, max_length)
     return out_dir
 
 
-def write_labels_json(folder, label_names, base_model, epoch):
+def write_labels_json(folder, label_names, base_model, epoch, max_length=None):
     """What a saved classifier needs beside its weights (predict reads it): class k's name, the base
-    model, and the training epoch after which it was saved."""
+    model, the training epoch after which it was saved and the tokens per text it was trained on."""
     from . import io
 
     io.write_json(Path(folder) / "labels.json", {"label_names": [str(n) for n in label_names],
-                                                 "base_model": base_model, "epoch": epoch})
+                                                 "base_model": base_model, "epoch": epoch,
+                                                 "max_length": max_length})

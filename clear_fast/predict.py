@@ -60,10 +60,10 @@ class TrainedClassifier:
         if not os.path.isdir(base) and config.get("model"):
             base = resolve_model_path(config["model"])
         if max_length is None:
-            max_length = config.get("max_length")
+            max_length = labels.get("max_length") or config.get("max_length")
             if max_length is None:
-                raise UserError(f"{saved}: no config.json of its run beside it to take the maximum text "
-                                "length from; give --max-length")
+                raise UserError(f"{saved}: neither its labels.json nor a run's config.json beside it gives the "
+                                "maximum text length: give max_length (--max-length)")
         if max_length < 1:
             raise UserError(f"--max-length must be at least 1, got {max_length}")
         _checked_device(device)  # before the model loads
@@ -80,7 +80,9 @@ class TrainedClassifier:
             try:
                 with quiet_transformers():
                     model = AutoModelForSequenceClassification.from_pretrained(str(saved))
-                    tokenizer = AutoTokenizer.from_pretrained(base)
+                    # model/ holds its tokenizer since full fine-tuning saves it; older runs' is the base's
+                    own = (saved / "tokenizer_config.json").is_file()
+                    tokenizer = AutoTokenizer.from_pretrained(str(saved) if own else base)
             except (OSError, ValueError) as e:
                 raise UserError(f"cannot load the fine-tuned model in {saved} (tokenizer from {base}): {e}") from None
             max_length = usable_max_length(max_length, model, tokenizer)
@@ -153,6 +155,8 @@ def _saved_classifier(run_dir):
                 why = "name the --output-dir of a finished `python -m clear_fast.train` run"
             raise UserError(f"{run_dir} holds no trained classifier (adapter/ or model/ with labels.json): {why}")
     config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    if not {"method", "model", "max_length"} <= config.keys():  # not a run's: a model's own config.json, say
+        config = {}
     return saved, config
 
 

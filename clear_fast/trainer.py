@@ -221,8 +221,9 @@ class Run:
                                  (("training", self.train_split), ("dev", dev_split), ("test", test_split))}
 
         self.model, tokenizer, self.model_path = load_classifier(cfg.model, data.num_classes, self.label_names)
+        self.tokenizer = tokenizer  # saved beside a fully fine-tuned model
         self.model.to(self.device)
-        max_length = usable_max_length(cfg.max_length, self.model, tokenizer)
+        self.max_length = max_length = usable_max_length(cfg.max_length, self.model, tokenizer)
         tok = lambda s: (Tokenized.from_texts(tokenizer, s.texts, s.labels, max_length, cfg.pad_to_multiple_of)
                          if s is not None else None)
         self.train, self.dev, self.test = tok(self.train_split), tok(dev_split), tok(test_split)
@@ -678,9 +679,10 @@ class Run:
         if self.cfg.method == "full":
             with quiet_transformers():  # no "Writing model shards" bar, which --no-progress did not stop
                 self.model.save_pretrained(str(tmp))
+                self.tokenizer.save_pretrained(str(tmp))  # model/ loads on its own in transformers
         else:
             save_peft_adapter(self.model, self.router, self.model_path, tmp)
-        write_labels_json(tmp, self.label_names, self.model_path, epoch + 1)
+        write_labels_json(tmp, self.label_names, self.model_path, epoch + 1, self.max_length)
         io.replace_dir(tmp, final)
         return final
 

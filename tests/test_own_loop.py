@@ -158,6 +158,14 @@ def test_save_adapter_gives_what_trained_classifier_and_peft_load(model_and_batc
     texts = ["alpha apple", "bravo banana blue", "charlie", "delta date dune delta"]
     np.testing.assert_allclose(clf.predict_proba(texts), want.numpy(), atol=1e-5)
     assert clf.label_names == list("abcd") and clf.epoch == 1
+    with pytest.raises(ValueError, match=r"give max_length \(--max-length\)"):
+        TrainedClassifier.from_run(out, device="cpu")
+    # max_length kept in labels.json; a model's own config.json beside it is no run's configuration
+    (tmp_path / "config.json").write_text('{"model_type": "bert", "max_length": 20}')
+    out = save_adapter(model, router, tmp_path / "adapter", list("abcd"), epoch=1, max_length=12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "the run has not finished" for a folder that holds no run
+        assert TrainedClassifier.from_run(out, device="cpu").max_length == 12
 
 
 def readme_snippet(heading):

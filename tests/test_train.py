@@ -61,6 +61,13 @@ def test_every_method_runs_end_to_end(tiny_models, toy_files, tmp_path, method, 
         assert abs(recs[2]["routed_fraction"] - 0.85 * frac_clean) < 0.08
     if method == "lora":
         assert recs[0]["routed_fraction"] == 1.0
+    saved = out / ("model" if method == "full" else "adapter")
+    assert json.loads((saved / "labels.json").read_text())["max_length"] == 16
+    if method == "full":  # model/ loads in transformers alone: its tokenizer beside it
+        from transformers import AutoTokenizer
+
+        text = "the filler word"
+        assert AutoTokenizer.from_pretrained(saved)(text) == AutoTokenizer.from_pretrained(tiny_models["bert"])(text)
 
 
 @pytest.mark.parametrize("arch, targets", [("roberta", {"query", "value"}), ("distilbert", {"q_lin", "v_lin"})])
