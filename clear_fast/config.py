@@ -101,7 +101,8 @@ class TrainConfig:
                                   "to rounding; ensemble_passes x eval_batch_size rows per forward)")
     seed: int = _f(0, "seed of initialisation, data order and routing")
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
-    bf16: bool = _f(False, "bf16 autocast (GPU)")
+    bf16: bool = _f(False, "bf16 autocast (for GPUs; on the CPU it runs torch's CPU autocast, which changes "
+                    "the numbers and is fast only on CPUs with bf16 units)")
     tf32: bool = _f(False, "TF32 tensor cores for float32 matrix products on a GPU (torch's float32 matmul "
                     "precision 'high', the routed kernels too): faster fp32 steps, products rounded to "
                     "about 1e-3; no effect on the CPU")
@@ -220,6 +221,9 @@ class TrainConfig:
             bad.append(f"--keep-model {self.keep_model!r} is not one of {', '.join(KEEP_MODEL)}")
         elif self.keep_model == "best-dev" and not self.save_adapter:
             bad.append("--keep-model best-dev with --no-save-adapter keeps nothing: drop one of them")
+        elif self.keep_model == "best-dev" and self.train_file and not (self.dev_file or self.dev_fraction):
+            bad.append("--keep-model best-dev needs a dev split: give --dev-file, or --dev-fraction to hold one "
+                       "out of the training set")
         if bad:
             raise UserError("invalid configuration:\n  " + "\n  ".join(bad))
         if self.method in ROUTED_METHODS and self.warmup_epochs >= self.num_epochs:

@@ -182,7 +182,14 @@ def read_texts(path, text_column: str = "text", label_column: str = "label", lab
 
 def _check_column(path, columns, column):
     if column not in columns:
-        raise ValueError(f"{path}: no column {column!r}; columns present: {sorted(columns)}")
+        hint = "--text-column and --label-column name the columns to use"
+        suffix = Path(path).suffix.lower()
+        if len(columns) == 1 and suffix in _DELIMITERS:
+            odd = next((c for c in ";|\t," if c in next(iter(columns))), None)
+            if odd is not None:
+                hint = (f"the header is one column holding {odd!r}: a {suffix} file is read with "
+                        f"{'a tab' if suffix == '.tsv' else 'commas'} between fields")
+        raise ValueError(f"{path}: no column {column!r}; columns present: {sorted(columns)} ({hint})")
 
 
 def _read_records(path: Path) -> tuple:

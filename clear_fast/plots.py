@@ -38,13 +38,14 @@ def loss_histogram(losses, clean_mask, mixture, path, title):
     plt.close(fig)
 
 
-def curves(records, path, title):
-    """Test / dev accuracy and clean-detection AUROC over epochs."""
+def curves(records, path, title, injected=True):
+    """Test / dev accuracy and clean-detection AUROC over epochs; injected: whether noise was injected
+    (else every training sample counts as clean)."""
     plt = _pyplot()
     epochs = [r["epoch"] for r in records]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for key, label in (("test_accuracy", "test"), ("dev_accuracy", "dev"), ("train_clean_accuracy",
-                                                                                "train (clean samples)")):
+    train = "train (clean samples)" if injected else "train"
+    for key, label in (("test_accuracy", "test"), ("dev_accuracy", "dev"), ("train_clean_accuracy", train)):
         ys = [r.get(key) for r in records]
         if any(y is not None for y in ys):
             a1.plot(epochs, [np.nan if y is None else y for y in ys], marker="o", label=label)

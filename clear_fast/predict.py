@@ -221,7 +221,8 @@ def _main(args):
     p = clf.predict_proba(texts, args.batch_size, args.progress)
     ids = None if given is None else _given_ids(given, clf.label_names)
     io.write_text(output, _table(texts, rows, given, ids, p, clf.label_names, args.all_probabilities))
-    print(f"predicted {len(texts)} text(s)" + (f" with the model of epoch {clf.epoch}" if clf.epoch else "")
+    which = {"best-dev": ", the best on dev", "last": ", the last"}.get(config.get("keep_model"), "")
+    print(f"predicted {len(texts)} text(s)" + (f" with the model of epoch {clf.epoch}{which}" if clf.epoch else "")
           + f": {output}")
     if given is not None:
         _report_given(given, ids, p, len(clf.label_names))

@@ -524,6 +524,9 @@ class Run:
         tf32 = self.cfg.tf32 and self.device.type == "cuda"
         if self.cfg.tf32 and not tf32:
             warnings.warn("--tf32 has no effect on the CPU: float32 products stay IEEE")
+        if self.cfg.compile and self.device.type == "cpu":
+            warnings.warn("--compile on the CPU: the first epoch spends minutes compiling, and compiled steps "
+                          "have run slower than eager ones on the CPU (README, Performance); it is meant for GPUs")
         with float32_matmul_precision("high" if tf32 else None):  # cuBLAS and the routed kernels read it
             return self._run()
 
@@ -580,8 +583,9 @@ class Run:
                 plots.loss_histogram(pass_out["losses"].numpy(), self.clean_mask if self._noisy() else None,
                                      record["mixture"], self.out / "plots" / f"loss_hist_epoch{epoch + 1:02d}.png",
                                      f"{cfg.method}, epoch {epoch + 1}: per-sample training loss")
-                plots.curves(records, self.out / "plots" / "curves.png",
-                             f"{cfg.method} on {self.data_name}, {cfg.noise_type} noise {cfg.noise_rate}")
+                noise = f"{cfg.noise_type} noise {cfg.noise_rate:g}" if cfg.injects_noise else "labels as given"
+                plots.curves(records, self.out / "plots" / "curves.png", f"{cfg.method} on {self.data_name}, {noise}",
+                             cfg.injects_noise)
             if cfg.keep_model == "best-dev" and dev_acc > best_dev:  # saved before the checkpoint: a resumed
                 best_dev = dev_acc                                     # run never lacks it
                 self.save_model(epoch)

@@ -122,7 +122,7 @@ def test_help_shows_the_real_defaults(capsys):
     assert "(default: None)" not in text
     defaults = TrainConfig()
     assert f"training batch size (default: {defaults.batch_size})" in text
-    assert "write PNG plots (default: on)" in text and "bf16 autocast (GPU) (default: off)" in text
+    assert "write PNG plots (default: on)" in text and "bf16 units) (default: off)" in text
     assert f"(default: {defaults.model})" in text
     # a flag whose default depends on others keeps its own explanation
     assert "(default per method: LoRA 1e-2, full 3e-4)" in text

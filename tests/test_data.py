@@ -47,6 +47,15 @@ def test_banking77_quoted_fields_parse():
     assert d.label_names[d.train.labels[d.train.texts.index("\nHow do I unblock my PIN?")]] == "pin_blocked"
 
 
+def test_a_missing_column_names_the_options_or_the_delimiter(tmp_path):
+    (tmp_path / "semi.csv").write_text("text;label\nhello;a\n")
+    (tmp_path / "other.csv").write_text("sentence,label\nhello,a\n")
+    with pytest.raises(ValueError, match=r"one column holding ';': a \.csv file is read with commas"):
+        load_dataset(train_file=tmp_path / "semi.csv", test_file=tmp_path / "semi.csv")
+    with pytest.raises(ValueError, match="--text-column and --label-column name the columns to use"):
+        load_dataset(train_file=tmp_path / "other.csv", test_file=tmp_path / "other.csv")
+
+
 @pytest.mark.parametrize("body, error", [
     ('"Hello" world\ta\n', r"line 2: .* expected after .*quote the whole field"),
     ('"never closed\ta\nnext\tb\n', "line 3: unexpected end of data"),

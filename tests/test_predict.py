@@ -54,7 +54,9 @@ def test_predictions_are_the_runs_own(trained, toy_files, tmp_path, method, caps
     results = json.loads((out / "results.json").read_text())
     agree = sum(r["agrees"] == "1" for r in rows)
     assert agree / len(rows) == pytest.approx(results["last_test_accuracy"])
-    assert f"{agree} of {len(rows)} agree" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"{agree} of {len(rows)} agree" in printed
+    assert f"with the model of epoch {results['model_epoch']}, the last:" in printed
     given = np.array([float(r["given_label_probability"]) for r in rows])
     ids = [run.label_names.index(r["given_label"]) for r in rows]
     np.testing.assert_allclose(given, got[np.arange(len(rows)), ids], rtol=1e-5)
@@ -162,7 +164,7 @@ def test_columns_default_to_the_runs_and_long_texts_are_cut_to_the_model(trained
 
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_keep_model_best_dev_saves_the_dev_selected_epochs_model(tiny_models, toy_files, tmp_path, method,
-                                                                 monkeypatch):
+                                                                 monkeypatch, capsys):
     # The dev accuracies the run sees peak at epoch 3 of 4 (the tiny model's own rise to the last epoch).
     real_dev, seen = [], iter([0.1, 0.2, 0.9, 0.3])
     evaluate = Run.evaluate
@@ -186,6 +188,8 @@ def test_keep_model_best_dev_saves_the_dev_selected_epochs_model(tiny_models, to
     assert clf.epoch == 3
     saved = np.mean([p == y for p, y in zip(clf.predict(texts), labels)])
     assert saved == pytest.approx(real_dev[2]), "the saved model must be epoch 3's, not the last"
+    assert main([str(out), str(toy_files / "dev.csv"), "--output", str(tmp_path / "p.csv"), "--no-progress"]) == 0
+    assert "with the model of epoch 3, the best on dev:" in capsys.readouterr().out
 
 
 def test_keep_model_best_dev_needs_a_dev_split_and_a_saved_model(tiny_models, toy_files, tmp_path, capsys):

@@ -332,7 +332,8 @@ def test_compiled_model_trains_and_matches_eager(tiny_models, toy_files, tmp_pat
     cfg = parse_config(cli(tiny_models["bert"], toy_files, tmp_path / "c", "--compile", "--num-epochs", "2",
                            "--no-plots", "--no-save-adapter"))
     run = Run(cfg)
-    run.run()
+    with pytest.warns(UserWarning, match="--compile on the CPU: the first epoch spends minutes compiling"):
+        run.run()
     assert run.forward_model is not run.model
     batch = run.test.batch(np.arange(8), "cpu")
     run.model.eval()
