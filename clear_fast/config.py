@@ -21,6 +21,7 @@ EVAL_ROUTING = ("all-on", "stochastic")
 HEAD_ROUTING = ("all", "routed")
 CLEAN_PROB_SOURCES = ("pass", "train-steps")
 KEEP_MODEL = ("last", "best-dev")
+GIVE_A_DEV_SPLIT = "give --dev-file, or --dev-fraction to hold one out of the training set"
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 # Learning rates chosen per method family (see README "Defaults"); --learning-rate overrides.
@@ -222,8 +223,7 @@ class TrainConfig:
         elif self.keep_model == "best-dev" and not self.save_adapter:
             bad.append("--keep-model best-dev with --no-save-adapter keeps nothing: drop one of them")
         elif self.keep_model == "best-dev" and self.train_file and not (self.dev_file or self.dev_fraction):
-            bad.append("--keep-model best-dev needs a dev split: give --dev-file, or --dev-fraction to hold one "
-                       "out of the training set")
+            bad.append(f"--keep-model best-dev needs a dev split: {GIVE_A_DEV_SPLIT}")
         if bad:
             raise UserError("invalid configuration:\n  " + "\n  ".join(bad))
         if self.method in ROUTED_METHODS and self.warmup_epochs >= self.num_epochs:

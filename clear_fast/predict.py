@@ -46,7 +46,8 @@ class TrainedClassifier:
     @classmethod
     def from_run(cls, run_dir, device="auto", max_length=None):
         """RUN: the --output-dir of a finished training run (or its adapter/ or model/ folder).
-        max_length: tokens per text; by default the run's --max-length (from its config.json)."""
+        max_length: tokens per text; by default the one it was saved with (labels.json; older runs: the
+        run's config.json)."""
         from .model import load_classifier, quiet_transformers, resolve_model_path, usable_max_length
 
         saved, config = _saved_classifier(Path(run_dir))
@@ -155,7 +156,7 @@ def _saved_classifier(run_dir):
                 why = "name the --output-dir of a finished `python -m clear_fast.train` run"
             raise UserError(f"{run_dir} holds no trained classifier (adapter/ or model/ with labels.json): {why}")
     config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-    if not {"method", "model", "max_length"} <= config.keys():  # not a run's: a model's own config.json, say
+    if not isinstance(config, dict) or not {"method", "model", "max_length"} <= config.keys():  # not a run's
         config = {}
     return saved, config
 

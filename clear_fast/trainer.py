@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import io, metrics, plots
-from .config import ROUTED_METHODS, TrainConfig, UserError
+from .config import GIVE_A_DEV_SPLIT, ROUTED_METHODS, TrainConfig, UserError
 from .losses import clear_loss
 from .mixture import clean_probability
 from .model import (HeadShield, draw_routing_masks, inject_routed_lora, load_classifier, quiet_transformers,
@@ -228,8 +228,7 @@ class Run:
                          if s is not None else None)
         self.train, self.dev, self.test = tok(self.train_split), tok(dev_split), tok(test_split)
         if cfg.keep_model == "best-dev" and self.dev is None:
-            raise UserError(f"--keep-model best-dev needs a dev split: {self.data_name} has none (give --dev-file, "
-                            "or --dev-fraction to hold one out of the training set)")
+            raise UserError(f"--keep-model best-dev needs a dev split: {self.data_name} has none ({GIVE_A_DEV_SPLIT})")
         self.true_labels = self.train.labels.clone()
 
         features = None
