@@ -245,7 +245,8 @@ def _check(x, weight, bias, lora_A, lora_B, mask, x_lora, backend):
     if mask.dim() != 1 or n not in (x.shape[0], rows):
         raise ValueError(f"mask has shape {tuple(mask.shape)}; expected [{x.shape[0]}] (one value "
                          f"per sample) or [{rows}] (one per row) for x of shape {tuple(x.shape)}")
-    m = mask.to(torch.float32).contiguous()  # the kernels index it as a flat array
+    # the kernels index it as a flat float array; the Router's masks are one already (no dispatch)
+    m = mask if mask.dtype is torch.float32 and mask.is_contiguous() else mask.to(torch.float32).contiguous()
     # Checking the values costs a host sync: done in eager CPU calls on float masks only (a bool mask
     # is 0/1 by its type), never on the GPU path nor while torch.compile traces (a graph break).
     if mask.dtype != torch.bool and not m.is_cuda and not torch.compiler.is_compiling():
