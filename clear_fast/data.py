@@ -8,6 +8,7 @@ is an error, since the classifier could never predict it.
 """
 from __future__ import annotations
 
+import collections
 import csv
 import json
 import math
@@ -47,6 +48,9 @@ class TextSplit:
                 f"TextSplit needs one label per text: {len(self.texts)} texts, "
                 f"labels of shape {self.labels.shape}")
         self.rows = np.arange(1, len(self.texts) + 1) if self.rows is None else np.asarray(self.rows, dtype=np.int64)
+        if self.rows.shape != self.labels.shape:
+            raise ValueError(f"TextSplit needs one row number per text: {len(self.texts)} texts, rows of shape "
+                             f"{self.rows.shape}")
 
     def __len__(self):
         return len(self.texts)
@@ -138,8 +142,9 @@ def _read_table(path, text_column: str, label_column: str) -> tuple[list[str], l
     columns, records, rows = _read_records(path)
     for column in (text_column, label_column):
         _check_column(path, columns, column)
-    texts = _checked_texts([r.get(text_column) for r in records], path, text_column)
-    labels = _checked_labels([r.get(label_column) for r in records], path, label_column)
+    where = _rows_of(path, rows)
+    texts = _checked_texts([r.get(text_column) for r in records], path, text_column, where)
+    labels = _checked_labels([r.get(label_column) for r in records], path, label_column, where=where)
     return texts, labels, rows
 
 
@@ -174,10 +179,11 @@ def read_texts(path, text_column: str = "text", label_column: str = "label", lab
     _check_column(path, columns, text_column)
     if label_required:
         _check_column(path, columns, label_column)
-    texts = _checked_texts([r.get(text_column) for r in records], path, text_column)
+    where = _rows_of(path, rows)
+    texts = _checked_texts([r.get(text_column) for r in records], path, text_column, where)
     if label_column not in columns:
         return texts, None, rows
-    return texts, _checked_labels([r.get(label_column) for r in records], path, label_column, True), rows
+    return texts, _checked_labels([r.get(label_column) for r in records], path, label_column, True, where), rows
 
 
 def _check_column(path, columns, column):
@@ -237,7 +243,7 @@ def _read_delimited(path: Path, delimiter: str) -> tuple[list[str], list[dict]]:
             if repeated:  # a row as a dict would keep only the last of them, silently
                 raise ValueError(f"{path}: the header names column(s) {repeated} more than once; give each "
                                  "column its own name")
-            records, merged, last = [], [], reader.line_num
+            records, spans, last = [], [], reader.line_num
             for row in reader:
                 first, last = last + 1, reader.line_num
                 if not row:  # blank line
@@ -245,25 +251,33 @@ def _read_delimited(path: Path, delimiter: str) -> tuple[list[str], list[dict]]:
                 if len(row) != len(header):
                     raise ValueError(f"{path}: line {last} has {len(row)} fields, the header has "
                                      f"{len(header)} ({header}); check the delimiter and quoting")
-                if last > first and _holds_rows(row, delimiter):
-                    merged.append(f"{first}-{last}")
+                if last > first:
+                    spans.append((len(records), first, last))
                 records.append(dict(zip(header, row)))
         except csv.Error as e:
             raise ValueError(f"{path}: line {reader.line_num}: {e}; {_QUOTING}") from None
+    counts = {c: collections.Counter(r[c] for r in records) for c in header} if spans else None
+    merged = [f"{first}-{last}" for i, first, last in spans if _holds_rows(records[i], header, delimiter, counts)]
     if merged:
-        what = (f"{path}: the quoted field(s) of lines {', '.join(merged[:5])}{' ...' if len(merged) > 5 else ''} "
-                f"run over several lines that hold the delimiter {delimiter!r} themselves: rows read as one, "
-                f"an unbalanced quote? {_QUOTING}")
-        if delimiter == "\t":  # a tab inside a text is never meant
-            raise ValueError(what)
-        warnings.warn(what + " (if the texts really hold line breaks and commas, ignore this)", stacklevel=3)
+        warnings.warn(f"{path}: the quoted field(s) of lines {', '.join(merged[:5])}{' ...' if len(merged) > 5 else ''} "
+                      "hold lines that read as rows of this file (their fields split by the delimiter, one of them "
+                      f"a value of its column elsewhere): an unbalanced quote that ran rows together? {_QUOTING}",
+                      stacklevel=3)
     return header, records
 
 
-def _holds_rows(row, delimiter):
-    """Whether a field read over several lines has a later line holding the delimiter: the mark of
-    rows swallowed by an unbalanced quote."""
-    return any(delimiter in line for field in row for line in field.split("\n")[1:])
+def _holds_rows(record, header, delimiter, counts):
+    """Whether a field of a record read over several lines has a later line that reads as a row: as
+    many fields as the header, one equal to that column's value in another record (a label, say;
+    counts: column -> Counter of its values). The mark of rows swallowed by an unbalanced quote; a
+    text's own line breaks, tabs or commas rarely make one."""
+    for field in record.values():
+        for line in field.split("\n")[1:]:
+            parts = line.rstrip("\r").split(delimiter)
+            if len(parts) == len(header) and any(
+                    part.strip() and counts[c][part] > (record[c] == part) for c, part in zip(header, parts)):
+                return True
+    return False
 
 
 _NOT_AN_ARRAY = " (.json files are read as JSON lines too: one object per line, not one array of them)"
@@ -304,38 +318,51 @@ def _label_key(value) -> str | None:
     return value or None
 
 
-def _checked_texts(texts: list, source, column: str) -> list[str]:
+def _checked_texts(texts: list, source, column: str, where=None) -> list[str]:
+    """where: names the rows of a list of record indices (default: _rows)."""
+    where = where or _rows
     bad_type = [i for i, t in enumerate(texts) if t is not None and not isinstance(t, str)]
     if bad_type:
         raise DataTypeError(f"{source}: column {column!r} must hold strings; not a string at "
-                        f"{_rows(bad_type)} (e.g. {texts[bad_type[0]]!r})")
-    _check_present(source, column, [i for i, t in enumerate(texts) if t is None or not t.strip()], "empty or missing text")
+                        f"{where(bad_type)} (e.g. {texts[bad_type[0]]!r})")
+    _check_present(source, column, [i for i, t in enumerate(texts) if t is None or not t.strip()],
+                   "empty or missing text", where)
     return texts
 
 
-def _checked_labels(values: list, source, column: str, allow_missing: bool = False) -> list[str]:
+def _checked_labels(values: list, source, column: str, allow_missing: bool = False, where=None) -> list[str]:
     """Labels as string class names (see _label_key); missing ones (None) are an error naming the
     rows unless allow_missing."""
+    where = where or _rows
     keys = []
     for i, value in enumerate(values):
         try:
             keys.append(_label_key(value))
         except TypeError as e:
-            raise DataTypeError(f"{source}: column {column!r}, {_rows([i])}: {e}") from None
+            raise DataTypeError(f"{source}: column {column!r}, {where([i])}: {e}") from None
     if not allow_missing:
-        _check_present(source, column, [i for i, y in enumerate(keys) if y is None], "missing label")
+        _check_present(source, column, [i for i, y in enumerate(keys) if y is None], "missing label", where)
     return keys
 
 
-def _rows(indices: list[int]) -> str:
-    shown = ", ".join(str(i + 1) for i in indices[:10])
+def _rows(indices: list[int], numbers=None, unit="data row(s)", note=" (numbered from 1, header excluded)") -> str:
+    """The rows of these record indices; numbers: each record's number in its file (default index + 1)."""
+    shown = ", ".join(str(i + 1 if numbers is None else numbers[i]) for i in indices[:10])
     more = f" and {len(indices) - 10} more" if len(indices) > 10 else ""
-    return f"data row(s) {shown}{more} (numbered from 1, header excluded)"
+    return f"{unit} {shown}{more}{note}"
 
 
-def _check_present(path, column: str, bad: list[int], what: str):
+def _rows_of(path, numbers):
+    """_rows for one file's records: its lines in a JSON-lines file (blank lines counted), data rows
+    in a CSV or TSV, as per_sample.csv and predict number them."""
+    if Path(path).suffix.lower() in _JSON_EXTENSIONS:
+        return lambda indices: _rows(indices, numbers, "line(s)", "")
+    return lambda indices: _rows(indices, numbers)
+
+
+def _check_present(path, column: str, bad: list[int], what: str, where=None):
     if bad:
-        raise ValueError(f"{path}: {what} in column {column!r} at {_rows(bad)}")
+        raise ValueError(f"{path}: {what} in column {column!r} at {(where or _rows)(bad)}")
 
 
 def _sorted_label_names(labels: list[str]) -> list[str]:

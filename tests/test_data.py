@@ -2,6 +2,7 @@
 import csv
 import json
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -59,7 +60,6 @@ def test_a_missing_column_names_the_options_or_the_delimiter(tmp_path):
 @pytest.mark.parametrize("body, error", [
     ('"Hello" world\ta\n', r"line 2: .* expected after .*quote the whole field"),
     ('"never closed\ta\nnext\tb\n', "line 3: unexpected end of data"),
-    ('"svn: how\ta\nnext row\tb\nends quoted"\tc\n', "lines 2-4 run over several lines"),
 ])
 def test_tsv_stray_quotes_are_errors_not_merged_rows(tmp_path, body, error):
     """A quote that does not follow CSV quoting used to run rows together, or drop itself, silently."""
@@ -69,13 +69,23 @@ def test_tsv_stray_quotes_are_errors_not_merged_rows(tmp_path, body, error):
         load_dataset(train_file=tmp_path / "train.tsv", test_file=tmp_path / "test.tsv")
 
 
-def test_csv_quoted_field_over_rows_warns_and_quotes_inside_text_stay(tmp_path):
-    (tmp_path / "train.csv").write_text('text,label\n"svn: how,a\nnext row,b\nends quoted",c\nHe said "hi",a\n'
-                                        '"two\nlines",b\n')
-    (tmp_path / "test.csv").write_text("text,label\nfine,a\n")
-    with pytest.warns(UserWarning, match=r"lines 2-4 run over several lines that hold the delimiter ','"):
-        d = load_dataset(train_file=tmp_path / "train.csv", test_file=tmp_path / "test.csv")
-    assert d.train.texts[1:] == ['He said "hi"', "two\nlines"]  # only lines 2-4 were flagged
+@pytest.mark.parametrize("delimiter", [",", "\t"])
+def test_rows_run_together_by_a_quote_warn_and_real_line_breaks_do_not(tmp_path, delimiter):
+    """A quoted field whose later lines read as rows of the file (a known label after the delimiter)
+    warns; texts with their own line breaks, tabs and commas (code, paragraphs) do not."""
+    d, ext = delimiter, ".csv" if delimiter == "," else ".tsv"
+    own = [f'"def f():\n\treturn 1{d}2"{d}a', f'"First part.\nSecond{d} part"{d}b', f"plain{d}a", f"other{d}b"]
+    (tmp_path / f"own{ext}").write_text(f"text{d}label\n" + "\n".join(own) + "\n")
+    (tmp_path / f"test{ext}").write_text(f"text{d}label\nfine{d}a\nok{d}b\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        d_own = load_dataset(train_file=tmp_path / f"own{ext}", test_file=tmp_path / f"test{ext}")
+    assert d_own.train.texts[:2] == [f"def f():\n\treturn 1{d}2", f"First part.\nSecond{d} part"]
+    swallowed = [f'"svn: how{d}a', f"next row{d}b", f'ends quoted"{d}a', f'He said "hi"{d}b']
+    (tmp_path / f"bad{ext}").write_text(f"text{d}label\n" + "\n".join(swallowed) + "\n")
+    with pytest.warns(UserWarning, match=r"lines 2-4 hold lines that read as rows of this file"):
+        d_bad = load_dataset(train_file=tmp_path / f"bad{ext}", test_file=tmp_path / f"test{ext}")
+    assert d_bad.train.texts[1] == 'He said "hi"'  # a quote inside a text stays
 
 
 def test_20newsgroups_has_the_leaked_label_stripped():
@@ -182,10 +192,14 @@ def test_empty_texts_and_missing_labels_name_their_rows(tmp_path):
         load_dataset(train_file=path, test_file=path)
     path = write_jsonl(tmp_path / "train.jsonl", [{"text": "a", "label": 1}, {"text": "b", "label": None},
                                                   {"text": "c"}, {"text": "d", "label": 2}])
-    with pytest.raises(ValueError, match=r"missing label .* data row\(s\) 2, 3 "):
+    with pytest.raises(ValueError, match=r"missing label .* line\(s\) 2, 3$"):
+        load_dataset(train_file=path, test_file=path)
+    # JSON lines are named by their line in the file, blank lines counted (as per_sample.csv's row)
+    path.write_text(path.read_text().replace("\n", "\n\n", 1))
+    with pytest.raises(ValueError, match=r"missing label .* line\(s\) 3, 4$"):
         load_dataset(train_file=path, test_file=path)
     path = write_jsonl(tmp_path / "bad.jsonl", [{"text": "a", "label": 1.5}, {"text": "b", "label": 2}])
-    with pytest.raises(TypeError, match=r"data row\(s\) 1 .*float 1.5"):
+    with pytest.raises(TypeError, match=r"line\(s\) 1: .*float 1.5"):
         load_dataset(train_file=path, test_file=path)
 
 

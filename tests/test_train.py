@@ -787,3 +787,24 @@ def test_dev_fraction_holds_out_a_dev_split(tiny_models, toy_files, tmp_path, ca
     assert "--dev-fraction holds out a dev split for data without one" in capsys.readouterr().err
     with pytest.raises(UserError, match=r"banking77 has a dev split \(1000 samples\)"):
         Run(parse_config(["--dev-fraction", "0.1", "--output-dir", str(tmp_path / "b")])).load()
+
+
+def test_per_sample_rows_point_at_the_files_lines(tiny_models, toy_files, tmp_path):
+    """per_sample.csv's row is the sample's line in a JSON-lines file (blank lines counted) through a
+    dev hold-out and a training subset, where it differs from the position in the training set."""
+    with open(toy_files / "train.csv", newline="") as f:
+        records = list(csv.DictReader(f))
+    lines = []
+    for k, r in enumerate(records):
+        lines += [json.dumps(r)] + ([""] if k % 7 == 0 else [])  # blank lines shift the line numbers
+    (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
+    args = cli(tiny_models["bert"], toy_files, tmp_path / "r", "--num-epochs", "2", "--no-plots", "--no-save-adapter",
+               "--dev-fraction", "0.2", "--max-train-samples", "100")
+    args[args.index("--train-file") + 1] = str(tmp_path / "train.jsonl")
+    at = args.index("--dev-file")
+    assert main(args[:at] + args[at + 2:]) == 0
+    with open(tmp_path / "r" / "per_sample.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 100
+    assert all(json.loads(lines[int(r["row"]) - 1])["text"] == r["text"] for r in rows)
+    assert any(int(r["row"]) != int(r["index"]) + 1 for r in rows)
