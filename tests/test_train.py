@@ -44,6 +44,12 @@ def test_every_method_runs_end_to_end(tiny_models, toy_files, tmp_path, method, 
     assert all(noise["clean_mask"][int(r["index"])] == (r["observed_label"] == r["true_label"]) == (r["flipped"] == "0")
                for r in rows)
     assert 0 < sum(noise["clean_mask"]) < 160
+    # clean_loss_auroc: the pass's losses ranked, what per_sample.csv orders ties of p_clean by
+    from sklearn.metrics import roc_auc_score
+
+    losses = {int(r["index"]): float(r["loss"]) for r in rows}
+    assert recs[-1]["clean_loss_auroc"] == pytest.approx(
+        roc_auc_score(noise["clean_mask"], [-losses[i] for i in range(160)]), abs=2e-3)  # csv: 6 digits
     # train_ce: the loss without the consistency term (a CE against the teacher, never below 0)
     for r in recs:
         teacher = method in ("clear-lora", "oracle-lora") and r["phase"] == "train"
