@@ -73,7 +73,8 @@ def compare(run):
     from cleanlab.rank import get_label_quality_scores
 
     observed, clean, p_clean, probs, names = load_run(run)
-    losses = -np.log(np.clip(probs[np.arange(len(observed)), observed], 1e-12, None))
+    # in float64, so that no ties arise that the probabilities do not have (a 0 stays finite)
+    losses = -np.log(np.clip(probs[np.arange(len(observed)), observed].astype(np.float64), 1e-300, None))
     issues = find_label_issues(observed, probs)
     quality = get_label_quality_scores(observed, probs)
 
