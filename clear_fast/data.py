@@ -318,33 +318,6 @@ def _label_key(value) -> str | None:
     return value or None
 
 
-def _checked_texts(texts: list, source, column: str, where=None) -> list[str]:
-    """where: names the rows of a list of record indices (default: _rows)."""
-    where = where or _rows
-    bad_type = [i for i, t in enumerate(texts) if t is not None and not isinstance(t, str)]
-    if bad_type:
-        raise DataTypeError(f"{source}: column {column!r} must hold strings; not a string at "
-                        f"{where(bad_type)} (e.g. {texts[bad_type[0]]!r})")
-    _check_present(source, column, [i for i, t in enumerate(texts) if t is None or not t.strip()],
-                   "empty or missing text", where)
-    return texts
-
-
-def _checked_labels(values: list, source, column: str, allow_missing: bool = False, where=None) -> list[str]:
-    """Labels as string class names (see _label_key); missing ones (None) are an error naming the
-    rows unless allow_missing."""
-    where = where or _rows
-    keys = []
-    for i, value in enumerate(values):
-        try:
-            keys.append(_label_key(value))
-        except TypeError as e:
-            raise DataTypeError(f"{source}: column {column!r}, {where([i])}: {e}") from None
-    if not allow_missing:
-        _check_present(source, column, [i for i, y in enumerate(keys) if y is None], "missing label", where)
-    return keys
-
-
 def _rows(indices: list[int], numbers=None, unit="data row(s)", note=" (numbered from 1, header excluded)") -> str:
     """The rows of these record indices; numbers: each record's number in its file (default index + 1)."""
     shown = ", ".join(str(i + 1 if numbers is None else numbers[i]) for i in indices[:10])
@@ -360,9 +333,34 @@ def _rows_of(path, numbers):
     return lambda indices: _rows(indices, numbers)
 
 
-def _check_present(path, column: str, bad: list[int], what: str, where=None):
+def _checked_texts(texts: list, source, column: str, where=_rows) -> list[str]:
+    """where: names the rows of a list of record indices."""
+    bad_type = [i for i, t in enumerate(texts) if t is not None and not isinstance(t, str)]
+    if bad_type:
+        raise DataTypeError(f"{source}: column {column!r} must hold strings; not a string at "
+                        f"{where(bad_type)} (e.g. {texts[bad_type[0]]!r})")
+    _check_present(source, column, [i for i, t in enumerate(texts) if t is None or not t.strip()],
+                   "empty or missing text", where)
+    return texts
+
+
+def _checked_labels(values: list, source, column: str, allow_missing: bool = False, where=_rows) -> list[str]:
+    """Labels as string class names (see _label_key); missing ones (None) are an error naming the
+    rows (where) unless allow_missing."""
+    keys = []
+    for i, value in enumerate(values):
+        try:
+            keys.append(_label_key(value))
+        except TypeError as e:
+            raise DataTypeError(f"{source}: column {column!r}, {where([i])}: {e}") from None
+    if not allow_missing:
+        _check_present(source, column, [i for i, y in enumerate(keys) if y is None], "missing label", where)
+    return keys
+
+
+def _check_present(path, column: str, bad: list[int], what: str, where=_rows):
     if bad:
-        raise ValueError(f"{path}: {what} in column {column!r} at {(where or _rows)(bad)}")
+        raise ValueError(f"{path}: {what} in column {column!r} at {where(bad)}")
 
 
 def _sorted_label_names(labels: list[str]) -> list[str]:

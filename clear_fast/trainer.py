@@ -619,8 +619,9 @@ class Run:
                "routed_fraction": ep["routed_fraction"], "mixture": metrics.mixture_summary(cp["gmm"])}
         det = metrics.clean_detection(p, self.clean_mask, true_labels=self.true_labels.numpy())
         rec.update({"clean_" + k: v for k, v in det.items()})
-        # the mixture's input ranks too: its posterior is exactly 0 for much of the noisy component, ties
-        # that clean_auroc ranks at random (per_sample.csv orders them by this loss)
+        # the pass's losses rank too (the mixture fits them, centred per class with --classwise-losses): its
+        # posterior is exactly 0 for much of the noisy component, ties that clean_auroc ranks at random
+        # (per_sample.csv orders them by this loss)
         rec["clean_loss_auroc"] = metrics.clean_detection(-cp["losses"].cpu().numpy(), self.clean_mask)["auroc"]
         rec.update(metrics.training_fit(pred, self.train.labels.numpy(), self.true_labels.numpy(), self.clean_mask))
         rec["time_s"] = {k: round(v, 3) for k, v in times.items()}
