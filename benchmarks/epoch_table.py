@@ -25,7 +25,9 @@ Sections:
           CPU, where no allocator reports a peak, an account of what a step holds at its peak:
           parameters + optimizer state + gradients + the activations autograd saves for backward
           (unique storages seen by saved_tensors_hooks). It leaves out transient temporaries freed
-          within an op and allocator overhead, which are alike across the variants.
+          within an op and allocator overhead, which are alike across the variants. Not measured
+          under --compile reduce-overhead on a GPU (CUDA graphs allocate at recording, from their
+          own pool; the table before this change showed parameters + state + gradients there).
   epoch   one post-warm-up epoch (on a GPU the fastest of three rounds that run every variant once,
           after an untimed small epoch of each: Triton compiles on first use, and first runs at a
           new size scattered +-40 % on an H200; results before this change: the fastest of two
@@ -220,11 +222,14 @@ def _unique_bytes(tensors):
     return sum(seen.values())
 
 
-def step_memory(run, fn, device):
+def step_memory(run, fn, device, measure=True):
     """Bytes a training step holds at its peak (see the module docstring for the method):
     parameters + optimizer state + gradients, plus on a GPU the allocator's peak above what was
-    allocated before the step, on the CPU the activations saved for backward."""
+    allocated before the step, on the CPU the activations saved for backward. measure=False: the
+    parameters only, peak None."""
     params = list(run.model.parameters())
+    if not measure:
+        return {"params_mb": _unique_bytes(params) / 2**20, "peak_mb": None}
     state = [v for s in run.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
     # Gradients: one per trainable parameter, of its size. Not read from p.grad: under CUDA graphs
     # (--compile reduce-overhead) the previous step's gradients are graph outputs that another
@@ -410,7 +415,10 @@ def run_all(args, device, save=lambda result: None):
         for seq in args.lengths:
             cases = step_cases(base, device, seq, args.bf16, args.compile)
             times = time_steps(cases, device, args.repeats)
-            mem = {k: step_memory(run, fn, device) for k, (run, fn) in cases.items()}
+            # CUDA graphs allocate a step's memory when they are recorded, from their own pool, so a
+            # replayed step allocates nothing and its peak above the start reads as zero: not measured
+            graphs = args.compile == "reduce-overhead" and device.type == "cuda"
+            mem = {k: step_memory(run, fn, device, measure=not graphs) for k, (run, fn) in cases.items()}
             row = {"model": name, "seq": seq, "ms": {k: 1e3 * v for k, v in times.items()}, "memory": mem,
                    "ratios": step_ratios(times, mem)}
             result["steps"].append(row)
@@ -462,9 +470,9 @@ def step_ratios(t, mem):
         if k.startswith("clear-lora"):
             out[f"{k} / lora"] = t[k] / plain
             out[f"{k} / peft"] = t[k] / peft
-            out[f"{k} memory / lora"] = mem[k]["peak_mb"] / mem["lora"]["peak_mb"]
         if k.startswith("reference"):
             out[f"{k} / clear-lora"] = t[k] / min(v for c, v in t.items() if c.startswith("clear-lora"))
+        if k[:5] in ("clear", "refer") and mem[k]["peak_mb"] is not None:
             out[f"{k} memory / lora"] = mem[k]["peak_mb"] / mem["lora"]["peak_mb"]
     return out
 
@@ -532,7 +540,8 @@ def markdown(result, command):
     for row in result["steps"]:
         for k, v in row["ms"].items():
             m = row["memory"][k]
-            lines.append(f"| {row['model']} | {row['seq']} | {k} | {v:.1f} | {m['peak_mb']:.0f} | {m['params_mb']:.0f} |")
+            peak = "-" if m["peak_mb"] is None else f"{m['peak_mb']:.0f}"
+            lines.append(f"| {row['model']} | {row['seq']} | {k} | {v:.1f} | {peak} | {m['params_mb']:.0f} |")
         lines.append("| | | ratios: " + ", ".join(f"{k} {v:.3f}" for k, v in row["ratios"].items()) + " | | | |")
     lines += ["", "## Epoch by part (s)", "",
               "| model | L | N | variant | train | pass | mixture | eval | total | routed |",

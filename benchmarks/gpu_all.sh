@@ -11,9 +11,9 @@
 # (SWEEP_ARGS="--fractions 1.0") ~60 s. Second H100 run (commit 21069ae, 2026-11-26 15:55): gpu_tests
 # of the three kernel files 67 s of tests, + epoch_table + epoch_bf16: 490 s in one call; host_overhead
 # + epoch_compiled (cut at its 200 s, MiniLM only, the steps then re-recording CUDA graphs): 230 s.
-# Next plan: the two CUDA tests changed since (the direct-launch test's u rows; the compiled run's CUDA
-# graphs, which needs no offline model) and the compiled steps after the mask fix, in one call:
-#   STEPS="gpu_tests epoch_compiled epoch_tf32" GPU_TESTS="tests/test_lora_kernels.py tests/test_train.py" GPU_TESTS_ARGS="-k cuda" bash benchmarks/gpu_all.sh
+# Third H100 run (commit 1746f50, 2026-11-26 17:43): gpu_tests of tests/test_lora_kernels.py and
+# tests/test_train.py (-k cuda) 68 s of tests + epoch_compiled: 312 s in one call; epoch_tf32 132 s;
+# gpu_tests of the other files with CUDA tests 15 s + host_overhead_fp32: 48 s.
 # or a subset, e.g. STEPS="gpu_tests epoch_table" GPU_TESTS=tests/test_gmm_kernel.py (results also
 # land in $OUT when the device tool sets it; a second call in one command needs its own OUT).
 # The GPU machine has torch, triton, transformers, scikit-learn, pytest(-benchmark) and peft but no
@@ -39,7 +39,7 @@ $PY -c "import clear_fast.kernels.gmm" || echo "clear_fast does not import: ever
 
 step() {  # step NAME SECONDS COMMAND...: run with a timeout, log to $LOG/NAME.log, print its tail
     local name=$1 secs=$2; shift 2
-    [[ " ${STEPS:-gpu_tests kernel_sweep host_overhead host_overhead_fp32 lora_table mixture_table epoch_table epoch_bf16 epoch_tf32 probe_bf16 epoch_compiled} " == *" $name "* ]] || return 0
+    [[ " ${STEPS:-gpu_tests kernel_sweep host_overhead host_overhead_fp32 lora_table mixture_table epoch_table epoch_bf16 epoch_tf32 probe_bf16 step_profile epoch_compiled} " == *" $name "* ]] || return 0
     echo "== $name"
     timeout "$secs" "$@" >"$LOG/$name.log" 2>&1
     echo "   exit $?"
@@ -68,6 +68,8 @@ step epoch_bf16 220 $PY benchmarks/epoch_table.py --models minilm bert-base --le
 step epoch_tf32 220 $PY benchmarks/epoch_table.py --models minilm bert-base --lengths 128 --epoch-samples 1280 --tf32
 # where the bf16 clean-probability pass spends its time (torch.profiler; Triton recompiles)
 step probe_bf16 120 $PY benchmarks/probe_bf16_pass.py
+# where a step's time goes (host or GPU) and which ops clear-lora adds to plain LoRA's step
+step step_profile 150 $PY benchmarks/profile_step.py --models minilm bert-base --lengths 128
 # steps of compiled models (CUDA graphs): what a host-bound step costs without the host launching
 # each kernel; writes epoch_<device>_compile_reduce-overhead.*
 step epoch_compiled 300 $PY benchmarks/epoch_table.py --models minilm bert-base --lengths 128 --compile reduce-overhead
