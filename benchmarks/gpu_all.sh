@@ -14,6 +14,8 @@
 # Third H100 run (commit 1746f50, 2026-11-26 17:43): gpu_tests of tests/test_lora_kernels.py and
 # tests/test_train.py (-k cuda) 68 s of tests + epoch_compiled: 312 s in one call; epoch_tf32 132 s;
 # gpu_tests of the other files with CUDA tests 15 s + host_overhead_fp32: 48 s.
+# step_profile (commit 514bba4) 115 s with the machine's start. The tables' commit field comes from the
+# device's copy of .git, which can be older than the tree that ran: check it against the commit sent.
 # or a subset, e.g. STEPS="gpu_tests epoch_table" GPU_TESTS=tests/test_gmm_kernel.py (results also
 # land in $OUT when the device tool sets it; a second call in one command needs its own OUT).
 # The GPU machine has torch, triton, transformers, scikit-learn, pytest(-benchmark) and peft but no
