@@ -600,9 +600,13 @@ def parse_args(argv=None):
 
 
 def _commit():
-    """The code measured: git describe of this checkout, '-dirty' when files differ from it."""
+    """The code measured: $BENCH_COMMIT when set (a GPU machine's copy of .git can be older than the
+    tree it runs: gpu_all.sh's callers pass the commit they sent), else git describe of this checkout,
+    '-dirty' when files differ from it."""
     import subprocess
 
+    if os.environ.get("BENCH_COMMIT"):
+        return os.environ["BENCH_COMMIT"]
     try:
         return subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
                               cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10).stdout.strip()

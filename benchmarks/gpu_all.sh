@@ -15,7 +15,9 @@
 # tests/test_train.py (-k cuda) 68 s of tests + epoch_compiled: 312 s in one call; epoch_tf32 132 s;
 # gpu_tests of the other files with CUDA tests 15 s + host_overhead_fp32: 48 s.
 # step_profile (commit 514bba4) 115 s with the machine's start. The tables' commit field comes from the
-# device's copy of .git, which can be older than the tree that ran: check it against the commit sent.
+# device's copy of .git, which can be older than the tree that ran: name the commit sent, e.g.
+# BENCH_COMMIT=$(git rev-parse --short HEAD) written out in the device command (epoch_table.py and
+# profile_step.py record it instead).
 # or a subset, e.g. STEPS="gpu_tests epoch_table" GPU_TESTS=tests/test_gmm_kernel.py (results also
 # land in $OUT when the device tool sets it; a second call in one command needs its own OUT).
 # The GPU machine has torch, triton, transformers, scikit-learn, pytest(-benchmark) and peft but no
