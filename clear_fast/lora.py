@@ -18,12 +18,15 @@ the base product (cuBLAS / MKL) into the forward and backward.
 """
 import functools
 import math
+import numbers
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from clear_fast.kernels.utils import BACKENDS, acc_dtype as _acc_dtype, check_backend, use_triton
 
@@ -184,6 +187,7 @@ class RoutedLoRAFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # u is saved without its graph: a second derivative would drop terms, so it raises
     def backward(ctx, dy):
         x, x_lora, weight, lora_A, lora_B, mask, u = ctx.saved_tensors
         need = ctx.needs_input_grad
@@ -229,7 +233,7 @@ def _all_routed(device):
 
 
 def _is_int(n):
-    return isinstance(n, int) and not isinstance(n, bool)
+    return isinstance(n, numbers.Integral) and not isinstance(n, (bool, np.bool_))
 
 
 def _check(x, weight, bias, lora_A, lora_B, mask, x_lora, backend):
@@ -386,6 +390,12 @@ class RoutedLoRALinear(nn.Module):
     # Class defaults too, for layers pickled by a version before these attributes.
     cache_frozen_cast = False
     _frozen_cast = None
+    # True while the layer projects an input that every sample of the batch shares (DeBERTa-v2's
+    # relative-position embeddings; set by inject_routed_lora's hooks). Such a call always takes the
+    # frozen layer: a per-sample mask cannot apply to it, and adapting it would let bypassed samples
+    # see (and train) the adapter. Always, not only under routing, so that a model is evaluated as
+    # it was trained.
+    shared_input = False
 
     def __init__(self, in_features, out_features, r=8, lora_alpha=8, lora_dropout=0.0, bias=True,
                  device=None, dtype=None):
@@ -395,10 +405,14 @@ class RoutedLoRALinear(nn.Module):
         if not all(_is_int(n) and n >= 1 for n in (in_features, out_features)):
             raise ValueError(f"in_features and out_features must be integers >= 1, got {in_features!r}, "
                              f"{out_features!r}")
-        if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or not math.isfinite(lora_alpha):
+        if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real) or not math.isfinite(lora_alpha):
             raise ValueError(f"lora_alpha must be a finite number, got {lora_alpha!r}")
-        if not 0.0 <= lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
+        if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, numbers.Real) or not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be a number in [0, 1), got {lora_dropout!r}")
+        # numpy scalars (a config read with numpy, a sweep's grid) as the Python numbers they stand for
+        r, in_features, out_features = int(r), int(in_features), int(out_features)
+        lora_alpha = int(lora_alpha) if isinstance(lora_alpha, numbers.Integral) else float(lora_alpha)
+        lora_dropout = float(lora_dropout)
         f = {"device": device, "dtype": dtype}
         self.in_features, self.out_features = in_features, out_features
         self.r, self.lora_alpha = r, lora_alpha
@@ -444,12 +458,23 @@ class RoutedLoRALinear(nn.Module):
         return layer
 
     def forward(self, x, mask=None):
-        if mask is None:
+        routing = mask is None and self.routing_mask is not None  # the Router's per-sample masks
+        if routing:
             mask = self.routing_mask
         weight, bias, lora_A, lora_B = self._tensors()
+        if self.shared_input:
+            return F.linear(x, weight - self._delta_weight() if self.merged else weight, bias)
         if self.merged:  # the merged linear: the inputs are checked all the same, the mask then ignored
             _check(x, weight, bias, lora_A, lora_B, mask, None, "auto")
             return F.linear(x, weight, bias)
+        if routing:
+            if isinstance(x, Tensor) and x.dim() >= 2 and x.shape[0] != mask.shape[0]:
+                raise ValueError(
+                    f"this layer's routing masks (set by Router.route) hold {mask.shape[0]} samples, but its "
+                    f"input has {x.shape[0]} in its first dimension (shape {tuple(x.shape)}): route each batch "
+                    "before its forward (router.route(p_route); router.route(None) runs every adapter, as "
+                    "for evaluation). The Router's masks are per sample: the layer's input must be "
+                    "[batch, ..., features].")
         dropout = self._modules["lora_dropout"]
         x_lora = dropout(x) if self.training and isinstance(dropout, nn.Dropout) else None
         autocast = isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type)

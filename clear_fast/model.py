@@ -150,7 +150,7 @@ def inject_routed_lora(model, target_modules=None, r=4, lora_alpha=1, lora_dropo
     if target_modules is None:
         target_modules = default_target_modules(model)
     elif not isinstance(target_modules, str):
-        target_modules = list(target_modules)
+        target_modules = list(target_modules) if isinstance(target_modules, (list, tuple, set, frozenset)) else [target_modules]
         if not target_modules or not all(isinstance(t, str) and t for t in target_modules):
             raise ValueError(f"target_modules must be module names (or one regular expression), got "
                              f"{target_modules!r}")
@@ -161,11 +161,21 @@ def inject_routed_lora(model, target_modules=None, r=4, lora_alpha=1, lora_dropo
         names = sorted({n.split(".")[-1] for n, _ in linears})
         how = " (one string is a regular expression the whole dotted name must match, as in peft; a list " \
               "names modules)" if isinstance(target_modules, str) else ""
+        if not names:
+            others = sorted({type(m).__name__ for m in model.modules() if type(m).__name__ in ("Conv1D", "Conv1d")})
+            raise ValueError("the model has no nn.Linear modules outside its head to adapt"
+                             + (f" (its projections are {', '.join(others)} layers, as GPT-2's are: not supported)"
+                                if others else ""))
         raise ValueError(f"no linear module matches target_modules {target_modules!r}{how}; the linear modules "
                          f"outside the head ({', '.join(sorted(head)) or 'none'}) are named: {', '.join(names)}")
     # Everything that can fail, before the model changes.
     for name, _ in found:
         layer_index(name)
+        parent = type(model.get_submodule(name.rpartition(".")[0])).__name__
+        if parent in _NOT_BATCH_FIRST:
+            raise ValueError(f"{name}: {parent} calls it on [tokens, batch, features] inputs, so per-sample "
+                             "routing masks cannot apply to it; target modules whose input is [batch, ...] "
+                             "(e.g. the feed-forward's), or use peft's LoRA for this model")
     routed = []
     for _, linear in found:
         layer = RoutedLoRALinear.from_linear(linear, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
@@ -178,6 +188,7 @@ def inject_routed_lora(model, target_modules=None, r=4, lora_alpha=1, lora_dropo
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, layer)
     unfreeze_head(model)
+    mark_shared_inputs(model)
     router = Router.of_modules(model, [(name, layer) for (name, _), layer in zip(found, routed)])
     depth = getattr(getattr(model, "config", None), "num_hidden_layers", None)
     if isinstance(depth, int) and router.num_layers < depth and targets_every_layer:
@@ -185,6 +196,42 @@ def inject_routed_lora(model, target_modules=None, r=4, lora_alpha=1, lora_dropo
                       "layer module(s): layers share their weights (as ALBERT's do), so each routing mask applies "
                       "at several depths, not per layer as CleaR draws them", UserWarning, stacklevel=2)
     return router
+
+
+def mark_shared_inputs(model):
+    """DeBERTa-v2/v3 attention with share_att_key projects the relative-position embeddings, one
+    [1, 2k, features] tensor that every sample of the batch shares, through its query_proj and key_proj.
+    Hooks flag those calls (RoutedLoRALinear.shared_input: the frozen layer): from the position
+    dropout, which that embedding alone passes just before, to the end of the attention module.
+    Returns the flagged layers."""
+    flagged = []
+    for attention in model.modules():
+        if not (getattr(attention, "share_att_key", False) and isinstance(getattr(attention, "pos_dropout", None), nn.Module)):
+            continue
+        layers = [m for m in (getattr(attention, "query_proj", None), getattr(attention, "key_proj", None))
+                  if isinstance(m, RoutedLoRALinear)]
+        if layers:
+            attention.pos_dropout.register_forward_hook(_SharedInput(layers, True))
+            attention.register_forward_pre_hook(_SharedInput(layers, False))  # also after an exception
+            attention.register_forward_hook(_SharedInput(layers, False))
+            flagged += layers
+    return flagged
+
+
+class _SharedInput:
+    """A hook setting RoutedLoRALinear.shared_input on some layers (a class, not a closure: models
+    with it still deepcopy and pickle)."""
+
+    def __init__(self, layers, on):
+        self.layers, self.on = layers, on
+
+    def __call__(self, module, *args):
+        for layer in self.layers:
+            layer.shared_input = self.on
+
+
+# Attention modules that call their projections on sequence-first inputs.
+_NOT_BATCH_FIRST = {"LongformerSelfAttention", "LEDEncoderSelfAttention"}
 
 
 def _is_target(name, targets):

@@ -713,7 +713,7 @@ def test_error_mask_on_another_device(layer):
 def test_error_rank_and_shapes():
     with pytest.raises(ValueError, match="rank r must be an integer >= 1, got 0"):
         RoutedLoRALinear(8, 4, r=0)
-    with pytest.raises(ValueError, match="lora_dropout must be in"):
+    with pytest.raises(ValueError, match="lora_dropout must be a number in"):
         RoutedLoRALinear(8, 4, lora_dropout=1.0)
     with pytest.raises(ValueError, match="in_features and out_features must be integers >= 1, got 8.0"):
         RoutedLoRALinear(8.0, 4)
@@ -778,3 +778,14 @@ def test_error_backend():
     x, W, A, B = torch.randn(2, 8), torch.randn(4, 8), torch.randn(2, 8), torch.randn(4, 2)
     with pytest.raises(ValueError, match="backend must be one of"):
         routed_lora_linear(x, W, None, A, B, 1.0, None, backend="cuda")
+
+
+def test_numpy_hyperparameters_are_taken_as_the_numbers_they_are():
+    """r, lora_alpha and lora_dropout from numpy (a sweep's grid) work as Python numbers do (peft
+    takes them too); a string is refused by name."""
+    a = RoutedLoRALinear(8, 6, r=np.int64(2), lora_alpha=np.float32(3.0), lora_dropout=np.float64(0.25))
+    b = RoutedLoRALinear(8, 6, r=2, lora_alpha=3.0, lora_dropout=0.25)
+    assert (a.r, a.scaling, a.lora_dropout.p) == (b.r, b.scaling, b.lora_dropout.p)
+    assert type(a.r) is int and type(a.lora_alpha) is float
+    with pytest.raises(ValueError, match="lora_dropout must be a number in"):
+        RoutedLoRALinear(8, 6, lora_dropout="0.1")

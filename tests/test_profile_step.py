@@ -27,8 +27,9 @@ def test_a_cpu_profile_row_itemises_what_clear_lora_adds(tmp_path):
     for s in row["summary"].values():
         assert s["wall_ms"] > 0 and s["host_ms"] > 0 and s["aten_calls"] > 0
         assert s["gpu_ms"] is None and s["kernels"] is None  # no GPU: no device columns, not zeros
-    # on the CPU the routed layer gathers the routed rows: ops plain LoRA's step does not call
-    host = row["differences"]["host"]
-    assert any(calls_lora == 0 < calls_clear for _, calls_clear, calls_lora, _, _ in host), host
+    # on the CPU the routed layer gathers the routed rows: calls plain LoRA's step does not make (counts,
+    # not times: which ops differ most in time depends on the machine's load)
+    assert row["summary"][ps.ROUTED]["aten_calls"] > row["summary"]["lora"]["aten_calls"]
+    assert len(row["differences"]["host"]) == 12
     assert row["differences"]["gpu"] == []
     assert f"| {ps.ROUTED} |" in md and "| - | - |" in md

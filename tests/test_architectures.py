@@ -1,0 +1,168 @@
+"""Routing on encoders whose attention does not call its projections once per batch of samples:
+DeBERTa-v2/v3 (share_att_key) also projects the relative-position embeddings, one tensor every sample
+shares, through query_proj and key_proj; Longformer calls them on [tokens, batch, features]."""
+import copy
+import io
+
+import pytest
+import torch
+
+from clear_fast import RoutedLoRALinear, inject_routed_lora
+
+
+def _deberta_v3(buckets=8):
+    from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
+
+    # deberta-v3-base's attention settings, tiny sizes
+    cfg = DebertaV2Config(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                          intermediate_size=64, relative_attention=True, share_att_key=True,
+                          pos_att_type=["p2c", "c2p"], position_buckets=buckets, max_relative_positions=64,
+                          norm_rel_ebd="layer_norm", num_labels=3)
+    torch.manual_seed(0)
+    return DebertaV2ForSequenceClassification(cfg).eval()
+
+
+def _live_adapters(model):
+    for m in model.modules():
+        if isinstance(m, RoutedLoRALinear):
+            torch.nn.init.normal_(m.lora_B)
+
+
+@pytest.mark.parametrize("batch", [1, 4, 16])  # 16 = 2 x position buckets: the position rows' count
+def test_deberta_v3_bypassed_samples_see_the_frozen_model(batch):
+    base = _deberta_v3()
+    model = copy.deepcopy(base)
+    router = inject_routed_lora(model)
+    assert {n.split(".")[-1] for n in router.module_names} == {"query_proj", "value_proj"}
+    _live_adapters(model)
+    ids = torch.randint(5, 100, (batch, 10), generator=torch.Generator().manual_seed(1))
+    p = torch.zeros(batch)
+    p[1::2] = 1
+    router.route(p)
+    with torch.no_grad():
+        out, frozen = model(input_ids=ids).logits, base(input_ids=ids).logits
+    bypassed = p == 0
+    assert torch.equal(out[bypassed], frozen[bypassed])
+    if batch > 1:
+        assert (out[~bypassed] - frozen[~bypassed]).abs().amax(1).min() > 1e-6  # the routed ones are adapted
+    assert not any(m.shared_input for m in router.modules())  # the flag lives only inside the attention
+
+
+def test_deberta_v3_a_samples_logits_do_not_depend_on_its_batch():
+    """The position projections are frozen for every sample, routed or not, in any batch (and also
+    with every adapter on: the model is evaluated as it was trained)."""
+    model = _deberta_v3()
+    router = inject_routed_lora(model)
+    _live_adapters(model)
+    ids = torch.randint(5, 100, (4, 10), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        router.route(torch.ones(1))
+        alone = model(input_ids=ids[:1]).logits
+        router.route(torch.ones(4))
+        batched = model(input_ids=ids).logits[:1]
+        router.route(None)
+        unrouted = model(input_ids=ids).logits[:1]
+    torch.testing.assert_close(alone, batched, rtol=0, atol=1e-6)
+    torch.testing.assert_close(unrouted, batched, rtol=0, atol=1e-6)
+
+
+def test_deberta_v3_adapters_get_no_gradient_from_bypassed_samples():
+    model = _deberta_v3()
+    router = inject_routed_lora(model)
+    _live_adapters(model)
+    ids = torch.randint(5, 100, (4, 10), generator=torch.Generator().manual_seed(3))
+    router.route(torch.zeros(4))
+    model(input_ids=ids).logits.sum().backward()
+    grads = [m.lora_A.grad for m in router.modules()] + [m.lora_B.grad for m in router.modules()]
+    assert all(g is None or not g.any() for g in grads)
+
+
+def test_deberta_v3_hooks_survive_copies_and_pickling():
+    base = _deberta_v3()
+    model = copy.deepcopy(base)
+    inject_routed_lora(model)
+    _live_adapters(model)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    for twin in (copy.deepcopy(model), torch.load(buf, weights_only=False)):
+        from clear_fast import Router
+
+        router = Router.from_model(twin)
+        ids = torch.randint(5, 100, (16, 10), generator=torch.Generator().manual_seed(4))
+        router.route(torch.zeros(16))
+        with torch.no_grad():
+            assert torch.equal(twin(input_ids=ids).logits, base(input_ids=ids).logits)
+
+
+def test_deberta_v3_merged_layers_keep_the_position_projections_frozen():
+    model = _deberta_v3()
+    router = inject_routed_lora(model)
+    _live_adapters(model)
+    ids = torch.randint(5, 100, (3, 10), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        unmerged = model(input_ids=ids).logits
+        for m in router.modules():
+            m.merge()
+        merged = model(input_ids=ids).logits
+    torch.testing.assert_close(merged, unmerged, rtol=0, atol=1e-5)
+
+
+def test_routing_masks_of_another_batch_name_the_fix():
+    """Masks routed for one batch and a forward of another size (e.g. evaluation after training
+    without router.route(None)): an error that says what to do, not a shape error deep inside."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    model = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
+                                                     num_attention_heads=2, intermediate_size=32))
+    router = inject_routed_lora(model)
+    router.route(torch.ones(3))
+    with pytest.raises(ValueError, match=r"hold 3 samples.*has 4.*router\.route\(None\)"):
+        model(input_ids=torch.randint(0, 50, (4, 6)))
+    # the same count of rows per sample is not mistaken for a per-row mask: 3 samples x 1 token
+    router.route(torch.ones(3))
+    with pytest.raises(ValueError, match="hold 3 samples"):
+        model(input_ids=torch.randint(0, 50, (1, 3)))
+
+
+def test_longformer_attention_is_refused_by_name():
+    from transformers import LongformerConfig, LongformerForSequenceClassification
+
+    model = LongformerForSequenceClassification(LongformerConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        attention_window=4, max_position_embeddings=40, pad_token_id=1))
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"LongformerSelfAttention.*\[tokens, batch, features\]"):
+        inject_routed_lora(model)
+    assert not any(isinstance(m, RoutedLoRALinear) for m in model.modules())  # unchanged
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    router = inject_routed_lora(model, ["intermediate.dense"])  # batch-first modules are fine
+    assert router.num_layers == 2
+
+
+def test_second_derivatives_raise_instead_of_dropping_terms():
+    layer = RoutedLoRALinear(6, 5, r=2)
+    torch.nn.init.normal_(layer.lora_B)
+    x = torch.randn(4, 6, requires_grad=True)
+    (gA,) = torch.autograd.grad(layer(x).square().sum(), layer.lora_A, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        gA.square().sum().backward()  # a gradient penalty, as in MAML-style training
+
+
+def test_gpt2_conv1d_projections_are_named_as_unsupported():
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    model = GPT2ForSequenceClassification(GPT2Config(vocab_size=50, n_embd=16, n_layer=2, n_head=2,
+                                                     bos_token_id=0, eos_token_id=0))
+    with pytest.raises(ValueError, match="Conv1D layers, as GPT-2's are: not supported"):
+        inject_routed_lora(model)
+
+
+def test_target_modules_that_are_not_names_are_refused_by_name():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    model = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
+                                                     num_attention_heads=2, intermediate_size=32))
+    for bad in (3, ["query", 3], []):
+        with pytest.raises(ValueError, match="target_modules must be module names"):
+            inject_routed_lora(model, bad)
