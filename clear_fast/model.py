@@ -203,13 +203,15 @@ def mark_shared_inputs(model):
     [1, 2k, features] tensor that every sample of the batch shares, through its query_proj and key_proj.
     Hooks flag those calls (RoutedLoRALinear.shared_input: the frozen layer): from the position
     dropout, which that embedding alone passes just before, to the end of the attention module.
-    Returns the flagged layers."""
+    peft's LoRA layers there (a saved adapter loaded with peft, as TrainedClassifier.from_run does)
+    get the same treatment, their adapters disabled for those calls, so the model computes what it
+    computed in training. Returns the flagged layers."""
     flagged = []
     for attention in model.modules():
         if not (getattr(attention, "share_att_key", False) and isinstance(getattr(attention, "pos_dropout", None), nn.Module)):
             continue
         layers = [m for m in (getattr(attention, "query_proj", None), getattr(attention, "key_proj", None))
-                  if isinstance(m, RoutedLoRALinear)]
+                  if isinstance(m, RoutedLoRALinear) or _is_peft_lora(m)]
         if layers:
             attention.pos_dropout.register_forward_hook(_SharedInput(layers, True))
             attention.register_forward_pre_hook(_SharedInput(layers, False))  # also after an exception
@@ -227,7 +229,17 @@ class _SharedInput:
 
     def __call__(self, module, *args):
         for layer in self.layers:
-            layer.shared_input = self.on
+            if isinstance(layer, RoutedLoRALinear):
+                layer.shared_input = self.on
+            elif self.on:  # peft's: its forward runs the base layer alone while _disable_adapters holds
+                layer.__dict__.setdefault("_clear_fast_disabled_before", layer._disable_adapters)
+                layer._disable_adapters = True
+            elif "_clear_fast_disabled_before" in layer.__dict__:
+                layer._disable_adapters = layer.__dict__.pop("_clear_fast_disabled_before")
+
+
+def _is_peft_lora(module):
+    return hasattr(module, "lora_A") and hasattr(module, "base_layer") and hasattr(module, "_disable_adapters")
 
 
 # Attention modules that call their projections on sequence-first inputs.

@@ -48,7 +48,8 @@ class TrainedClassifier:
         """RUN: the --output-dir of a finished training run (or its adapter/ or model/ folder).
         max_length: tokens per text; by default the one it was saved with (labels.json; older runs: the
         run's config.json)."""
-        from .model import load_classifier, quiet_transformers, resolve_model_path, usable_max_length
+        from .model import (load_classifier, mark_shared_inputs, quiet_transformers, resolve_model_path,
+                            usable_max_length)
 
         saved, config = _saved_classifier(Path(run_dir))
         labels = json.loads((saved / "labels.json").read_text())
@@ -75,6 +76,7 @@ class TrainedClassifier:
             max_length = usable_max_length(max_length, model, tokenizer)  # before peft wraps its embeddings
             with quiet_transformers():
                 model = PeftModel.from_pretrained(model, str(saved))
+            mark_shared_inputs(model)  # DeBERTa-v2/v3's position projections frozen, as in training
         else:
             from transformers import AutoModelForSequenceClassification, AutoTokenizer
 

@@ -22,10 +22,10 @@ def _deberta_v3(buckets=8):
     return DebertaV2ForSequenceClassification(cfg).eval()
 
 
-def _live_adapters(model):
+def _live_adapters(model, std=1.0):
     for m in model.modules():
         if isinstance(m, RoutedLoRALinear):
-            torch.nn.init.normal_(m.lora_B)
+            torch.nn.init.normal_(m.lora_B, std=std)
 
 
 @pytest.mark.parametrize("batch", [1, 4, 16])  # 16 = 2 x position buckets: the position rows' count
@@ -166,3 +166,38 @@ def test_target_modules_that_are_not_names_are_refused_by_name():
     for bad in (3, ["query", 3], []):
         with pytest.raises(ValueError, match="target_modules must be module names"):
             inject_routed_lora(model, bad)
+
+
+def test_deberta_v3_saved_adapter_reloads_as_the_trained_model(tmp_path):
+    """from_run loads the adapter with peft, whose LoRA would adapt the position projections too:
+    the same hooks keep them frozen there, so the reloaded classifier predicts what the run's model
+    does (every adapter on)."""
+    from transformers import AutoTokenizer
+
+    from clear_fast import TrainedClassifier, save_adapter
+    from clear_fast.model import resolve_model_path
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
+    from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
+
+    cfg = DebertaV2Config(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                          intermediate_size=64, relative_attention=True, share_att_key=True,
+                          pos_att_type=["p2c", "c2p"], position_buckets=8, max_relative_positions=64,
+                          norm_rel_ebd="layer_norm", num_labels=3, type_vocab_size=0)
+    torch.manual_seed(0)
+    DebertaV2ForSequenceClassification(cfg).save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    model = DebertaV2ForSequenceClassification.from_pretrained(tmp_path / "base").eval()
+    router = inject_routed_lora(model)
+    _live_adapters(model, std=30.0)
+    torch.nn.init.normal_(model.classifier.weight, std=5.0)  # probabilities away from 1/3, which hide differences
+    save_adapter(model, router, tmp_path / "run", ["a", "b", "c"], max_length=16)
+    texts = ["the first text", "another one here", "a third and longer text to classify"]
+    clf = TrainedClassifier.from_run(tmp_path / "run", device="cpu")
+    batch = tok(texts, padding=True, truncation=True, max_length=16, return_tensors="pt")
+    router.route(None)
+    with torch.no_grad():
+        expected = torch.softmax(model(**batch).logits, -1).numpy()
+    got = clf.predict_proba(texts)
+    assert abs(expected - 1 / 3).max() > 1e-2
+    assert abs(got - expected).max() < 1e-6
