@@ -32,11 +32,19 @@ class TrainedClassifier:
         """A model of one's own: a sequence classifier of len(label_names) classes, its tokenizer and
         the tokens per text. Routed LoRA layers in it run with every adapter on."""
         from .lora import RoutedLoRALinear
+        from .model import text_length_limit
         from .trainer import _pick_device
 
         classes = getattr(getattr(model, "config", None), "num_labels", None)
         if classes is not None and classes != len(label_names):
             raise ValueError(f"the model has {classes} classes, label_names {len(label_names)} names")
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+            raise ValueError(f"max_length must be an integer >= 2 (tokens per text, with the special "
+                             f"tokens), got {max_length!r}")
+        limit = text_length_limit(model, tokenizer)
+        if limit is not None and max_length > limit:
+            raise ValueError(f"max_length {max_length} is more than this model takes ({limit} tokens): longer "
+                             "texts would fail inside its forward")
         device = _pick_device(_checked_device(device))
         self._routed = [m for m in model.modules() if isinstance(m, RoutedLoRALinear)]
         self.model, self.tokenizer = model.to(device).eval(), tokenizer
@@ -66,8 +74,8 @@ class TrainedClassifier:
             if max_length is None:
                 raise UserError(f"{saved}: neither its labels.json nor a run's config.json beside it gives the "
                                 "maximum text length: give max_length (--max-length)")
-        if max_length < 1:
-            raise UserError(f"--max-length must be at least 1, got {max_length}")
+        if max_length < 2:
+            raise UserError(f"--max-length must be at least 2 (tokens per text, with the special tokens), got {max_length}")
         _checked_device(device)  # before the model loads
         if (saved / "adapter_config.json").is_file():
             from peft import PeftModel

@@ -99,7 +99,7 @@ def test_given_labels_unknown_or_missing(trained, tmp_path, capsys):
     ("no_text_column", "no column 'sentence'"),
     ("txt_with_labels", "no labels"),
     ("output_is_input", "is the input file"),
-    ("bad_max_length", "--max-length must be at least 1"),
+    ("bad_max_length", "--max-length must be at least 2"),
     ("bad_device", "unknown device 'tpu'"),
     ("bad_batch_size", "--batch-size must be at least 1"),
     ("output_is_a_folder", "is a folder: name a file"),
@@ -218,6 +218,10 @@ def test_a_model_of_ones_own_predicts_with_every_adapter_on(tiny_models):
     texts = [WORDS[0], WORDS[1]]
     with pytest.raises(ValueError, match="the model has 4 classes, label_names 3 names"):
         TrainedClassifier(model, tok, ["a", "b", "c"], 16)
+    for bad, message in ((-5, "max_length must be an integer >= 2"), (1, "max_length must be an integer >= 2"),
+                         (16.0, "max_length must be an integer"), (1000, "more than this model takes \\(80 tokens\\)")):
+        with pytest.raises(ValueError, match=message):
+            TrainedClassifier(model, tok, list("abcd"), bad)
     router.route(torch.tensor([0.0, 0.0]))  # a mask a training step left behind
     clf = TrainedClassifier(model, tok, list("abcd"), 16)  # device "auto"
     got = clf.predict_proba(texts)
