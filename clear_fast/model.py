@@ -1,6 +1,7 @@
 """Model surgery: load a Hugging Face encoder classifier, put RoutedLoRALinear in place of the
 target linears, freeze the backbone, and route each transformer layer with its own mask."""
 import contextlib
+import json
 import os
 import re
 import warnings
@@ -28,8 +29,11 @@ def resolve_model_path(name):
     return name
 
 
-def load_classifier(name, num_labels, label_names=None):
-    """(model, tokenizer) for sequence classification, with a clear error for unknown models."""
+def load_classifier(name, num_labels, label_names=None, config=None):
+    """(model, tokenizer) for sequence classification, with a clear error for unknown models.
+    config: a transformers config to build the model with (a saved adapter's classifier_config.json:
+    the structure it was trained with, e.g. fewer layers than the checkpoint's) instead of the
+    checkpoint's own."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     path = resolve_model_path(name)
@@ -42,6 +46,11 @@ def load_classifier(name, num_labels, label_names=None):
     if label_names is not None:
         kwargs["id2label"] = {i: str(n) for i, n in enumerate(label_names)}
         kwargs["label2id"] = {str(n): i for i, n in enumerate(label_names)}
+    if config is not None:  # with a config, from_pretrained hands other keyword arguments to the model
+        for key in ("num_labels", "id2label", "label2id"):
+            if key in kwargs:
+                setattr(config, key, kwargs.pop(key))
+        kwargs["config"] = config
     try:
         with quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(path)
@@ -529,6 +538,7 @@ def save_peft_adapter(model, router, base_path, out_dir):
     with quiet_transformers():
         fresh = AutoModelForSequenceClassification.from_pretrained(base_path, config=model.config,
                                                                    ignore_mismatched_sizes=True)
+    _check_same_frozen_weights(model, fresh, base_path)
     lcfg = LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                       target_modules=sorted({n.split(".")[-1] for n in router.module_names}),
                       modules_to_save=head_module_names(model),
@@ -547,7 +557,41 @@ def save_peft_adapter(model, router, base_path, out_dir):
             target.load_state_dict(getattr(model, head).state_dict())
     with quiet_transformers():  # no "Writing model shards" bar, which --no-progress did not stop
         peft_model.save_pretrained(str(out_dir))
+    # The structure trained (a model loaded with overrides, e.g. num_hidden_layers=3, is not the
+    # checkpoint's): TrainedClassifier.from_run builds the base from it.
+    model.config.to_json_file(str(Path(out_dir) / CLASSIFIER_CONFIG))
     return Path(out_dir)
+
+
+CLASSIFIER_CONFIG = "classifier_config.json"
+
+
+def _check_same_frozen_weights(model, fresh, base_path):
+    """The adapter is saved for base_path's weights: refuse one whose frozen weights are not the
+    model's (another checkpoint, or one that from_pretrained had to fill in at random), which would
+    load as another model."""
+    head = tuple(n + "." for n in head_module_names(model))
+    ours = model.state_dict()
+    with torch.no_grad():
+        for key, value in fresh.state_dict().items():
+            if key.startswith(head) or key not in ours:
+                continue
+            if ours[key].shape != value.shape or not torch.equal(ours[key].to(value.device, value.dtype), value):
+                raise ValueError(f"the base model {base_path} is not the one this model was built from: its "
+                                 f"{key} differs ({tuple(value.shape)} there, {tuple(ours[key].shape)} here); pass "
+                                 "base_model= the checkpoint the model was loaded from")
+
+
+def saved_classifier_config(folder):
+    """The transformers config a saved adapter was trained with (None for adapters saved before it was
+    kept)."""
+    from transformers import AutoConfig
+
+    path = Path(folder) / CLASSIFIER_CONFIG
+    if not path.is_file():
+        return None
+    d = json.loads(path.read_text())
+    return AutoConfig.for_model(d.pop("model_type"), **d)
 
 
 def save_adapter(model, router, out_dir, label_names, base_model=None, epoch=None, max_length=None):

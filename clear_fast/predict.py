@@ -57,7 +57,7 @@ class TrainedClassifier:
         max_length: tokens per text; by default the one it was saved with (labels.json; older runs: the
         run's config.json)."""
         from .model import (load_classifier, mark_shared_inputs, quiet_transformers, resolve_model_path,
-                            usable_max_length)
+                            saved_classifier_config, usable_max_length)
 
         saved, config = _saved_classifier(Path(run_dir))
         labels = json.loads((saved / "labels.json").read_text())
@@ -80,7 +80,7 @@ class TrainedClassifier:
         if (saved / "adapter_config.json").is_file():
             from peft import PeftModel
 
-            model, tokenizer, _ = load_classifier(base, len(names), names)
+            model, tokenizer, _ = load_classifier(base, len(names), names, saved_classifier_config(saved))
             max_length = usable_max_length(max_length, model, tokenizer)  # before peft wraps its embeddings
             with quiet_transformers():
                 model = PeftModel.from_pretrained(model, str(saved))

@@ -233,3 +233,27 @@ def test_a_model_of_ones_own_predicts_with_every_adapter_on(tiny_models):
     with torch.no_grad():
         want = model(**batch).logits.softmax(-1).numpy()
     np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_a_saved_adapter_keeps_the_structure_it_was_trained_with(tiny_models, tmp_path):
+    """A model loaded with overrides (one layer of the checkpoint's two) reloads with them, not as the
+    checkpoint's own structure; a base_model that is not the model's checkpoint is refused."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from clear_fast import inject_routed_lora, save_adapter
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_models["bert"], num_labels=2,
+                                                               num_hidden_layers=1).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_models["bert"])
+    router = inject_routed_lora(model)
+    for layer in router.modules():
+        torch.nn.init.normal_(layer.lora_B, std=5.0)
+    with pytest.raises(ValueError, match="is not the one this model was built from"):
+        save_adapter(model, router, tmp_path / "wrong", ["a", "b"], base_model=tiny_models["roberta"], max_length=16)
+    save_adapter(model, router, tmp_path / "run", ["a", "b"], max_length=16)
+    clf = TrainedClassifier.from_run(tmp_path / "run", device="cpu")
+    assert clf.model.config.num_hidden_layers == 1
+    texts = [WORDS[0], WORDS[2]]
+    with torch.no_grad():
+        want = model(**tok(texts, padding=True, return_tensors="pt")).logits.softmax(-1).numpy()
+    np.testing.assert_allclose(clf.predict_proba(texts), want, atol=1e-6)
