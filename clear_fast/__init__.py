@@ -16,6 +16,7 @@ _EXPORTS = {
     "inject_routed_lora": "clear_fast.model",
     "Router": "clear_fast.model",
     "save_adapter": "clear_fast.model",
+    "merge_and_unload": "clear_fast.model",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -594,6 +594,32 @@ def saved_classifier_config(folder):
     return AutoConfig.for_model(d.pop("model_type"), **d)
 
 
+def merge_and_unload(model):
+    """Fold every routed layer's adapter into its frozen weight (W + scaling B A) and put a plain
+    nn.Linear in its place, as peft's merge_and_unload does: the model is then its transformers class
+    alone, with every sample adapted (as in evaluation), for save_pretrained and loading without
+    clear_fast or peft. In place; returns the model."""
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, RoutedLoRALinear)]
+    if not found:
+        raise ValueError("the model has no RoutedLoRALinear layers to merge")
+    shared = {id(layer) for m in model.modules() for hook in m._forward_hooks.values()
+              if isinstance(hook, _SharedInput) for layer in hook.layers}
+    if any(id(m) in shared for _, m in found):
+        raise ValueError("this model projects DeBERTa's relative-position embeddings through routed layers, which "
+                         "keep them frozen (README: encoders whose attention...); a merged weight would adapt them "
+                         "too: keep the routed layers (TrainedClassifier) instead")
+    for name, layer in found:
+        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                           device=layer.weight.device, dtype=layer.weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(layer.weight if layer.merged else layer.weight + layer._delta_weight())
+            if layer.bias is not None:
+                linear.bias.copy_(layer.bias)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, linear)
+    return model
+
+
 def save_adapter(model, router, out_dir, label_names, base_model=None, epoch=None, max_length=None):
     """Save a model trained in a loop of one's own as the CLI saves its adapter/: peft's format plus
     labels.json, so that TrainedClassifier.from_run(out_dir) and peft load it.

@@ -201,3 +201,12 @@ def test_deberta_v3_saved_adapter_reloads_as_the_trained_model(tmp_path):
     got = clf.predict_proba(texts)
     assert abs(expected - 1 / 3).max() > 1e-2
     assert abs(got - expected).max() < 1e-6
+
+
+def test_deberta_v3_merge_and_unload_is_refused():
+    from clear_fast import merge_and_unload
+
+    model = _deberta_v3()
+    inject_routed_lora(model)
+    with pytest.raises(ValueError, match="relative-position embeddings"):
+        merge_and_unload(model)

@@ -207,3 +207,33 @@ def test_shared_layer_weights_are_warned_of():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         inject_routed_lora(_bert())  # one routed layer per transformer layer: no warning
+
+
+def test_merge_and_unload_gives_a_plain_transformers_model(tmp_path):
+    """The adapters folded into the weights: no routed layer left, the logits of every adapter on,
+    and save_pretrained / from_pretrained in transformers alone give the same model."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from clear_fast import RoutedLoRALinear, inject_routed_lora, merge_and_unload
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=2,
+                                                     num_attention_heads=2, intermediate_size=32, num_labels=3)).eval()
+    router = inject_routed_lora(model)
+    for layer in router.modules():
+        torch.nn.init.normal_(layer.lora_B, std=2.0)
+    router.modules()[0].merge()  # an already merged layer is taken as it is
+    ids = torch.randint(0, 60, (4, 7))
+    router.route(None)
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        merged = merge_and_unload(model)
+        got = merged(input_ids=ids).logits
+    assert not any(isinstance(m, RoutedLoRALinear) for m in merged.modules())
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    merged.save_pretrained(tmp_path / "m")
+    again = BertForSequenceClassification.from_pretrained(tmp_path / "m").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids).logits, got, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="no RoutedLoRALinear layers"):
+        merge_and_unload(merged)
