@@ -118,12 +118,14 @@ def _sq_dist(xc, x_sq, c, out):
     return torch.mul(xc, c, out=out).mul_(-2.0).add_(c * c).add_(x_sq).clamp_(min=0.0)
 
 
-def _lloyd_labels(xc, centers, upper, out):
-    """sklearn's Lloyd assignment argmin_j (c_j^2 - 2 x c_j), ties to cluster 0, in one dimension:
-    cluster 1 = {x > midpoint} if c_1 > c_0 (upper), else {x < midpoint}. One comparison into `out`
-    (float64 0 / 1); it can differ from sklearn's rounding only a few ulps from the midpoint."""
-    mid = (centers[0] + centers[1]) * 0.5
-    return (torch.gt if upper else torch.lt)(xc, mid, out=out)
+def _lloyd_labels(xc, centers, out):
+    """sklearn's Lloyd assignment argmin_j (c_j^2 - 2 x c_j), ties to cluster 0, with its rounding:
+    fl(c_j^2) - 2 fl(x c_j) (its gemm adds -2 X C^T to the squared norms), so that values on the
+    midpoint (data with many ties: integers) go where sklearn sends them. Into `out` (float64 0 / 1)."""
+    c0, c1 = centers[0], centers[1]
+    d0 = torch.mul(xc, c0).mul_(-2.0).add_(c0 * c0)
+    d1 = torch.mul(xc, c1).mul_(-2.0).add_(c1 * c1)
+    return torch.lt(d1, d0, out=out)
 
 
 def _kmeans2_labels(x, random_state):
@@ -135,7 +137,7 @@ def _kmeans2_labels(x, random_state):
     centres if not strict. In 1-D Lloyd keeps the centres' order and each cluster is a half-line,
     so labels repeat exactly when the cluster sizes do. Returns (labels, n_distinct): n_distinct
     == 1 when a cluster came out empty (a single distinct value). One host sync per Lloyd
-    iteration (its stopping test) plus one for the centres' order.
+    iteration (its stopping test).
     """
     n = x.numel()
     xc = x - x.mean()
@@ -150,12 +152,11 @@ def _kmeans2_labels(x, random_state):
     centers = torch.stack([c0, torch.where(pots[1] < pots[0], cand[1], cand[0])])
 
     tol = float(x_sq.mean()) * _KMEANS_TOL  # np.var(X) * tol (xc is centred)
-    upper = bool(centers[1] > centers[0])
     total = xc.sum()
     labels = torch.empty_like(xc)
     n1_old, strict = -1, False
     for _ in range(_KMEANS_MAX_ITER):
-        _lloyd_labels(xc, centers, upper, labels)
+        _lloyd_labels(xc, centers, labels)
         n1 = labels.sum()
         s1 = xc.dot(labels)
         new = torch.stack([(total - s1) / (n - n1), s1 / n1])
@@ -170,7 +171,7 @@ def _kmeans2_labels(x, random_state):
             break
         n1_old = n1
     if not strict:
-        _lloyd_labels(xc, centers, upper, labels)
+        _lloyd_labels(xc, centers, labels)
     return labels, 2
 
 

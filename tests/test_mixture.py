@@ -136,6 +136,19 @@ def test_other_random_states_match_sklearn():
         assert np.abs(ours.predict_proba(x) - ref.predict_proba(x[:, None])).max() <= 1e-3
 
 
+def test_values_on_the_kmeans_midpoint_go_where_sklearn_sends_them():
+    """Integer-valued data: k-means++ picks 1 and 3, and every 2 sits on their midpoint; sklearn's
+    rounding of c^2 - 2 x c (not 'ties to cluster 0') decides where they go, and with them the fit
+    (here the lower component's posterior at 2 was 0.95 against sklearn's 0.05)."""
+    cases = [(5, 1)] + [(seed, rs) for seed in range(8) for rs in range(5)]
+    for seed, rs in cases:
+        x = np.random.default_rng(seed).integers(0, 5, 300).astype(float)
+        ours = GaussianMixture1D(random_state=rs).fit(x)
+        ref = GaussianMixture(2, random_state=rs).fit(x[:, None])
+        np.testing.assert_allclose(np.sort(ours.means_), np.sort(ref.means_.ravel()), rtol=0, atol=1e-8,
+                                   err_msg=f"data seed {seed}, random_state {rs}")
+
+
 # ----------------------------------------------------------------------------- types and devices
 
 
