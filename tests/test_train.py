@@ -10,7 +10,7 @@ import torch
 from clear_fast.config import UserError, parse_config
 from clear_fast.kernels.utils import interpreting
 from clear_fast.losses import clear_loss, consistency_loss
-from clear_fast.model import draw_routing_masks, layer_index
+from clear_fast.model import draw_routing_masks, layer_path
 from clear_fast.train import main
 from clear_fast.trainer import Run, Tokenized
 from conftest import cli
@@ -269,10 +269,16 @@ def test_routing_masks_follow_their_probabilities():
     assert abs((a[:, 0] == a[:, 1]).float().mean().item() - 0.58) < 0.03
 
 
-def test_layer_index_from_module_names():
-    assert layer_index("bert.encoder.layer.3.attention.self.query") == 3
-    assert layer_index("roberta.encoder.layer.11.attention.self.value") == 11
-    assert layer_index("distilbert.transformer.layer.0.attention.q_lin") == 0
+def test_layer_path_from_module_names():
+    assert layer_path("bert.encoder.layer.3.attention.self.query") == "bert.encoder.layer.3"
+    assert layer_path("roberta.encoder.layer.11.attention.self.value") == "roberta.encoder.layer.11"
+    assert layer_path("distilbert.transformer.layer.0.attention.q_lin") == "distilbert.transformer.layer.0"
+    # an encoder-decoder's encoder and decoder layers are distinct; nested lists' layers too
+    assert layer_path("encoder.block.0.layer.0.SelfAttention.q") == "encoder.block.0"
+    assert layer_path("decoder.block.0.layer.1.EncDecAttention.q") == "decoder.block.0"
+    assert layer_path("funnel.encoder.blocks.0.1.attention.q_head") == "funnel.encoder.blocks.0.1"
+    with pytest.raises(ValueError, match="cannot tell which transformer layer"):
+        layer_path("query")
 
 
 @pytest.mark.parametrize("flags, message", [
