@@ -585,9 +585,10 @@ def _check_same_frozen_weights(model, fresh, base_path):
         for key, value in fresh.state_dict().items():
             if key.startswith(head) or key not in ours:
                 continue
-            if ours[key].shape != value.shape or not torch.equal(ours[key].to(value.device, value.dtype), value):
+            mine = ours[key]  # compared in the model's dtype: a bf16 model holds the checkpoint rounded
+            if mine.shape != value.shape or not torch.equal(mine, value.to(mine.device, mine.dtype)):
                 raise ValueError(f"the base model {base_path} is not the one this model was built from: its "
-                                 f"{key} differs ({tuple(value.shape)} there, {tuple(ours[key].shape)} here); pass "
+                                 f"{key} differs ({tuple(value.shape)} there, {tuple(mine.shape)} here); pass "
                                  "base_model= the checkpoint the model was loaded from")
 
 

@@ -12,6 +12,7 @@ import argparse
 import csv
 import io as _io
 import json
+import numbers
 import os
 import sys
 import warnings
@@ -38,9 +39,10 @@ class TrainedClassifier:
         classes = getattr(getattr(model, "config", None), "num_labels", None)
         if classes is not None and classes != len(label_names):
             raise ValueError(f"the model has {classes} classes, label_names {len(label_names)} names")
-        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+        if isinstance(max_length, bool) or not isinstance(max_length, numbers.Integral) or max_length < 2:
             raise ValueError(f"max_length must be an integer >= 2 (tokens per text, with the special "
                              f"tokens), got {max_length!r}")
+        max_length = int(max_length)
         limit = text_length_limit(model, tokenizer)
         if limit is not None and max_length > limit:
             raise ValueError(f"max_length {max_length} is more than this model takes ({limit} tokens): longer "

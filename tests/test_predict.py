@@ -257,6 +257,9 @@ def test_a_saved_adapter_keeps_the_structure_it_was_trained_with(tiny_models, tm
     with torch.no_grad():
         want = model(**tok(texts, padding=True, return_tensors="pt")).logits.softmax(-1).numpy()
     np.testing.assert_allclose(clf.predict_proba(texts), want, atol=1e-6)
+    # a bf16 model holds the checkpoint's weights rounded: the same checkpoint, not refused
+    half = AutoModelForSequenceClassification.from_pretrained(tiny_models["bert"], num_labels=2, dtype=torch.bfloat16)
+    save_adapter(half, inject_routed_lora(half), tmp_path / "bf16", ["a", "b"], max_length=16)
 
 
 def test_a_run_trained_on_a_relative_model_path_predicts_from_anywhere(tiny_models, toy_files, tmp_path, monkeypatch):
