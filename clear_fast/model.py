@@ -120,7 +120,10 @@ def layer_path(module_name):
     m = re.match(r"\.(.*?\.(?:layer|layers|h|block|blocks)(?:\.\d+)+)\.", "." + module_name + ".") \
         or re.match(r"\.(.*?(?:\.\d+)+)\.", "." + module_name + ".")
     if m is None:
-        raise ValueError(f"cannot tell which transformer layer {module_name!r} belongs to")
+        raise ValueError(f"cannot tell which transformer layer {module_name!r} belongs to: routed modules sit in a "
+                         "numbered list of layers (encoder.layer.3...); leave modules outside them, such as a "
+                         "pooler, out of the targets (one regular expression can match the layers' alone, e.g. "
+                         "r'.*layer\\.\\d+\\..*dense')")
     return m.group(1).lstrip(".")
 
 

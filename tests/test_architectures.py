@@ -292,3 +292,14 @@ def test_load_classifier_names_a_tokenizer_that_is_not_the_models_and_fills_in_i
     tok.save_pretrained(tmp_path / "llama")
     model, _, _ = load_classifier(str(tmp_path / "llama"), 3)
     assert model.config.pad_token_id == tok.pad_token_id
+
+
+def test_a_target_outside_the_layers_is_named_with_a_way_round():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    model = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
+                                                     num_attention_heads=2, intermediate_size=32))
+    with pytest.raises(ValueError, match=r"'bert.pooler.dense' belongs to.*such as a pooler"):
+        inject_routed_lora(model, ["dense"])
+    router = inject_routed_lora(model, r".*layer\.\d+\..*dense")  # the way round it names
+    assert router.num_layers == 2 and len(router.modules()) == 6
