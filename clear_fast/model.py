@@ -432,12 +432,17 @@ class _SharedPrefixLayer(nn.Module):
             module.routing_mask = self.masks
         y = self.layer(hidden_states.index_select(0, self.rows), *_rows_of(args, self.rows, self.total),
                        **_rows_of(kwargs, self.rows, self.total))
-        h = y[0] if isinstance(y, tuple) else y
-        if isinstance(y, tuple) and any(t is not None for t in y[1:]):
-            raise RuntimeError("the shared-prefix pass supports layers that return only hidden states")
-        out = h.new_empty((self.total, *h.shape[1:])).index_copy_(0, self.rows, h)
-        out.index_copy_(0, self.copy_to, out.index_select(0, self.copy_from))
-        return (out, *y[1:]) if isinstance(y, tuple) else out
+        if not isinstance(y, tuple):
+            return self._all_rows(y)
+        # per-sample extras (RoFormer's layers return their attention probabilities) filled in as h is
+        if any(t is not None and not (torch.is_tensor(t) and t.dim() and t.shape[0] == len(self.rows)) for t in y[1:]):
+            raise RuntimeError("the shared-prefix pass supports layers that return hidden states and per-sample tensors")
+        return tuple(None if t is None else self._all_rows(t) for t in y)
+
+    def _all_rows(self, t):
+        """The computed rows' t at their places among all rows, the others copied from pass 0's."""
+        out = t.new_empty((self.total, *t.shape[1:])).index_copy_(0, self.rows, t)
+        return out.index_copy_(0, self.copy_to, out.index_select(0, self.copy_from))
 
 
 def _rows_of(obj, rows, total):

@@ -33,9 +33,10 @@ WORDS = {0: "alpha apple amber", 1: "bravo banana blue", 2: "charlie cherry cyan
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
-    """2-layer random BERT, RoBERTa-style and DistilBERT models, saved with the MiniLM tokenizer."""
+    """2-layer random BERT, RoBERTa-style, DistilBERT and RoFormer models, saved with the MiniLM tokenizer."""
     from transformers import (AutoTokenizer, BertConfig, BertForSequenceClassification, DistilBertConfig,
-                              DistilBertForSequenceClassification, RobertaConfig, RobertaForSequenceClassification)
+                              DistilBertForSequenceClassification, RobertaConfig, RobertaForSequenceClassification,
+                              RoFormerConfig, RoFormerForSequenceClassification)
 
     import torch
 
@@ -49,7 +50,9 @@ def tiny_models(tmp_path_factory):
                            ("roberta", RobertaConfig(**small, pad_token_id=0), RobertaForSequenceClassification),
                            ("distilbert", DistilBertConfig(vocab_size=tok.vocab_size, dim=32, n_layers=2, n_heads=2,
                                                            hidden_dim=64, max_position_embeddings=80),
-                            DistilBertForSequenceClassification)):
+                            DistilBertForSequenceClassification),
+                           # its layers also return their attention probabilities (the shared-prefix pass)
+                           ("roformer", RoFormerConfig(**small, embedding_size=32), RoFormerForSequenceClassification)):
         torch.manual_seed(0)
         path = tmp_path_factory.mktemp(name)
         cls(cfg).save_pretrained(path)

@@ -412,7 +412,7 @@ def _predict(run, seed, passes=3):
     return run.predict(run.train, 0.6, passes, "pass")
 
 
-@pytest.mark.parametrize("arch", ["bert", "roberta", "distilbert"])
+@pytest.mark.parametrize("arch", ["bert", "roberta", "distilbert", "roformer"])
 def test_shared_prefix_pass_equals_separate_passes(tiny_models, toy_files, tmp_path, arch, monkeypatch):
     """The ensemble passes run together with shared prefixes give the logits of the passes run one
     after another (same random stream, so the same masks), computing fewer rows in later layers."""
