@@ -300,8 +300,14 @@ class Run:
         return masks
 
     def _logits(self, batch):
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
-            out = self.forward_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        try:
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
+                out = self.forward_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        except (RuntimeError, IndexError) as e:  # from deep inside the model (its own limits, memory)
+            raise UserError(f"the model ({self.cfg.model}) failed in its forward on a batch of "
+                            f"{tuple(batch['input_ids'].shape)} tokens: {type(e).__name__}: {str(e).rstrip('.')}. Some models take "
+                            "only certain lengths (--max-length, --pad-to-multiple-of), or are not encoder "
+                            "classifiers; on a GPU, out of memory: a smaller --batch-size") from e
         return out.logits.float()
 
     def train_epoch(self, epoch, p_route, teacher, shield_head=False):

@@ -820,3 +820,18 @@ def test_per_sample_rows_point_at_the_files_lines(tiny_models, toy_files, tmp_pa
     assert len(rows) == 100
     assert all(json.loads(lines[int(r["row"]) - 1])["text"] == r["text"] for r in rows)
     assert any(int(r["row"]) != int(r["index"]) + 1 for r in rows)
+
+
+def test_a_failure_inside_the_models_forward_is_one_message(tiny_models, toy_files, tmp_path, monkeypatch, capsys):
+    """A model that fails on the batches it gets (Nystromformer at lengths it does not take, memory):
+    one 'error:' line naming the model, the batch shape and what to try, not a traceback from inside it."""
+    from transformers import BertForSequenceClassification
+
+    def fails(self, *args, **kwargs):
+        raise RuntimeError("The size of tensor a (16) must match the size of tensor b (9).")
+
+    monkeypatch.setattr(BertForSequenceClassification, "forward", fails)
+    assert main(cli(tiny_models["bert"], toy_files, tmp_path / "o", "--num-epochs", "1")) == 2
+    err = capsys.readouterr().err
+    assert "failed in its forward on a batch of (16, " in err and "tensor b (9). Some models take only" in err
+    assert "Traceback" not in err
