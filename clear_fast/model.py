@@ -553,12 +553,22 @@ def save_peft_adapter(model, router, base_path, out_dir):
         raise ValueError("unmerge() the routed layers before saving the adapter: a merged weight holds it")
     (r, lora_alpha, lora_dropout), = settings
     with quiet_transformers():
-        fresh = AutoModelForSequenceClassification.from_pretrained(base_path, config=model.config,
-                                                                   ignore_mismatched_sizes=True)
-    _check_same_frozen_weights(model, fresh, base_path)
+        fresh, loading = AutoModelForSequenceClassification.from_pretrained(
+            base_path, config=model.config, ignore_mismatched_sizes=True, output_loading_info=True)
+    # Backbone weights the checkpoint lacks (a masked-LM checkpoint's pooler) are drawn at random on
+    # every load: they are saved with the adapter, as the head is.
+    head = head_module_names(model)
+    drawn = {k if isinstance(k, str) else k[0] for key in ("missing_keys", "mismatched_keys") for k in loading.get(key, ())}
+    drawn = {k for k in drawn if k.split(".")[0] not in head}
+    inside = sorted(k for k in drawn if _in_a_layer(k))
+    if inside:  # a checkpoint without the transformer layers' weights is not this model's base
+        raise ValueError(f"the base model {base_path} does not hold this model's weights ({inside[0]} is missing or "
+                         "of another shape there): pass base_model= the checkpoint the model was loaded from")
+    saved_too = sorted({k.rpartition(".")[0] for k in drawn})
+    _check_same_frozen_weights(model, fresh, base_path, skip=drawn)
     lcfg = LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                       target_modules=sorted({n.split(".")[-1] for n in router.module_names}),
-                      modules_to_save=head_module_names(model),
+                      modules_to_save=head + saved_too,
                       task_type="SEQ_CLS")
     with quiet_transformers():
         peft_model = get_peft_model(fresh, lcfg)
@@ -568,10 +578,10 @@ def save_peft_adapter(model, router, base_path, out_dir):
             if hasattr(module, "lora_A") and isinstance(ours.get(name), RoutedLoRALinear):
                 module.lora_A["default"].weight.copy_(ours[name].lora_A)
                 module.lora_B["default"].weight.copy_(ours[name].lora_B)
-        for head in head_module_names(model):
-            wrapper = getattr(peft_model.base_model.model, head)
+        for name in head + saved_too:
+            wrapper = peft_model.base_model.model.get_submodule(name)
             target = wrapper.modules_to_save["default"] if hasattr(wrapper, "modules_to_save") else wrapper
-            target.load_state_dict(getattr(model, head).state_dict())
+            target.load_state_dict(model.get_submodule(name).state_dict())
     with quiet_transformers():  # no "Writing model shards" bar, which --no-progress did not stop
         peft_model.save_pretrained(str(out_dir))
     # The structure trained (a model loaded with overrides, e.g. num_hidden_layers=3, is not the
@@ -583,15 +593,23 @@ def save_peft_adapter(model, router, base_path, out_dir):
 CLASSIFIER_CONFIG = "classifier_config.json"
 
 
-def _check_same_frozen_weights(model, fresh, base_path):
-    """The adapter is saved for base_path's weights: refuse one whose frozen weights are not the
-    model's (another checkpoint, or one that from_pretrained had to fill in at random), which would
-    load as another model."""
+def _in_a_layer(key):
+    try:
+        layer_path(key.rpartition(".")[0])
+        return True
+    except ValueError:
+        return False
+
+
+def _check_same_frozen_weights(model, fresh, base_path, skip=()):
+    """The adapter is saved for base_path's weights: refuse a base whose frozen weights are not the
+    model's (another checkpoint), which would load as another model. skip: the weights the checkpoint
+    does not hold (drawn at random on loading; saved with the adapter)."""
     head = tuple(n + "." for n in head_module_names(model))
     ours = model.state_dict()
     with torch.no_grad():
         for key, value in fresh.state_dict().items():
-            if key.startswith(head) or key not in ours:
+            if key.startswith(head) or key not in ours or key in skip:
                 continue
             mine = ours[key]  # compared in the model's dtype: a bf16 model holds the checkpoint rounded
             if mine.shape != value.shape or not torch.equal(mine, value.to(mine.device, mine.dtype)):

@@ -248,8 +248,12 @@ def test_a_saved_adapter_keeps_the_structure_it_was_trained_with(tiny_models, tm
     router = inject_routed_lora(model)
     for layer in router.modules():
         torch.nn.init.normal_(layer.lora_B, std=5.0)
-    with pytest.raises(ValueError, match="is not the one this model was built from"):
+    with pytest.raises(ValueError, match="does not hold this model's weights"):
         save_adapter(model, router, tmp_path / "wrong", ["a", "b"], base_model=tiny_models["roberta"], max_length=16)
+    torch.manual_seed(1)  # the same architecture, other weights
+    AutoModelForSequenceClassification.from_config(model.config).save_pretrained(tmp_path / "other")
+    with pytest.raises(ValueError, match="is not the one this model was built from"):
+        save_adapter(model, router, tmp_path / "wrong2", ["a", "b"], base_model=str(tmp_path / "other"), max_length=16)
     save_adapter(model, router, tmp_path / "run", ["a", "b"], max_length=16)
     clf = TrainedClassifier.from_run(tmp_path / "run", device="cpu")
     assert clf.model.config.num_hidden_layers == 1
@@ -277,3 +281,30 @@ def test_a_run_trained_on_a_relative_model_path_predicts_from_anywhere(tiny_mode
     monkeypatch.chdir(toy_files)
     clf = TrainedClassifier.from_run(tmp_path / "rel", device="cpu")
     assert clf.predict_proba([WORDS[0]]).shape == (1, 4)
+
+
+def test_backbone_weights_the_checkpoint_lacks_are_saved_with_the_adapter(tmp_path):
+    """A masked-LM checkpoint has no pooler: loading draws one at random, on every load. It is saved
+    with the adapter (as the head is), so the reloaded classifier is the trained one, and the save does
+    not take the random pooler for another base model."""
+    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, BertForSequenceClassification
+
+    from clear_fast import inject_routed_lora, save_adapter
+    from clear_fast.model import resolve_model_path
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
+    BertForMaskedLM(BertConfig(vocab_size=tok.vocab_size, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                               intermediate_size=32)).save_pretrained(tmp_path / "mlm")
+    tok.save_pretrained(tmp_path / "mlm")
+    model = BertForSequenceClassification.from_pretrained(tmp_path / "mlm", num_labels=2).eval()
+    router = inject_routed_lora(model)
+    for layer in router.modules():
+        torch.nn.init.normal_(layer.lora_B, std=3.0)
+    torch.nn.init.normal_(model.classifier.weight, std=5.0)
+    save_adapter(model, router, tmp_path / "run", ["a", "b"], max_length=16)
+    assert "bert.pooler.dense" in json.loads((tmp_path / "run" / "adapter_config.json").read_text())["modules_to_save"]
+    texts = [WORDS[0], WORDS[3]]
+    with torch.no_grad():
+        want = model(**tok(texts, padding=True, return_tensors="pt")).logits.softmax(-1).numpy()
+    got = TrainedClassifier.from_run(tmp_path / "run", device="cpu").predict_proba(texts)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
