@@ -116,15 +116,19 @@ def _hub_offline():
 def layer_path(module_name):
     """The transformer layer holding a module, as a dotted path: up to its layer list's index
     (bert.encoder.layer.3), through nested lists' indices too (funnel's blocks.0.1), so that an
-    encoder-decoder's encoder.block.0 and decoder.block.0 are two layers, each with its own mask."""
-    m = re.match(r"\.(.*?\.(?:layer|layers|h|block|blocks)(?:\.\d+)+)\.", "." + module_name + ".") \
-        or re.match(r"\.(.*?(?:\.\d+)+)\.", "." + module_name + ".")
+    encoder-decoder's encoder.block.0 and decoder.block.0 are two layers, each with its own mask.
+    A model whose layers are not one list but parallel ones (XLM's transformer.attentions.3 and
+    transformer.ffns.3) gets one key per index, transformer.*.3, which is no module path."""
+    named = re.match(r"((?:[^.]+\.)*?(?:layer|layers|h|block|blocks)(?:\.\d+)+)\.", module_name + ".")
+    if named:
+        return named.group(1)
+    m = re.match(r"((?:[^.]+\.)*?)[^.]+((?:\.\d+)+)\.", module_name + ".")
     if m is None:
         raise ValueError(f"cannot tell which transformer layer {module_name!r} belongs to: routed modules sit in a "
                          "numbered list of layers (encoder.layer.3...); leave modules outside them, such as a "
                          "pooler, out of the targets (one regular expression can match the layers' alone, e.g. "
                          "r'.*layer\\.\\d+\\..*dense')")
-    return m.group(1).lstrip(".")
+    return m.group(1) + "*" + m.group(2)
 
 
 def head_module_names(model):
@@ -324,7 +328,7 @@ class Router:
     @classmethod
     def of_modules(cls, model, named):
         """The Router of these (dotted name, routed module) pairs of model, grouped by transformer layer."""
-        by_layer = {}  # in the model's order of modules: layer by layer
+        by_layer = {}  # in the order of the modules (of the model's layers, for one list of them)
         for name, module in named:
             by_layer.setdefault(layer_path(name), []).append(module)
         return cls(list(by_layer.values()), [n for n, _ in named], _layer_paths(model, list(by_layer)))
@@ -651,6 +655,7 @@ def merge_and_unload(model):
             linear.weight.copy_(layer.weight if layer.merged else layer.weight + layer._delta_weight())
             if layer.bias is not None:
                 linear.bias.copy_(layer.bias)
+        linear.requires_grad_(layer.weight.requires_grad)  # frozen as the backbone (peft keeps the flag too)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, linear)
     return model

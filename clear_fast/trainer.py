@@ -36,6 +36,18 @@ OUTPUT_DIRS = ("plots", "adapter", "model")
 RESUME_FREE = {"resume", "overwrite", "progress", "plots", "shared_prefix_pass", "save_adapter", "output_dir"}
 
 
+def _raised_in_clear_fast(error):
+    """Whether the innermost Python frame of the error's traceback is clear_fast's (or its kernels')."""
+    from . import kernels
+
+    tb = error.__traceback__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    where = Path(tb.tb_frame.f_code.co_filename).resolve()
+    ours = [Path(__file__).resolve().parent, *(Path(p).resolve() for p in kernels.__path__)]
+    return any(where.is_relative_to(d) for d in ours)
+
+
 class TrainingDiverged(UserError):
     """The per-sample losses went NaN or infinite: a setting to change, not a bug to report."""
 
@@ -303,7 +315,10 @@ class Run:
         try:
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
                 out = self.forward_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        except (RuntimeError, IndexError) as e:  # from deep inside the model (its own limits, memory)
+        except (RuntimeError, IndexError) as e:
+            if _raised_in_clear_fast(e) and not isinstance(e, torch.OutOfMemoryError):
+                raise  # ours: a traceback, not a message blaming the model
+            # from deep inside the model (its own limits, memory)
             raise UserError(f"the model ({self.cfg.model}) failed in its forward on a batch of "
                             f"{tuple(batch['input_ids'].shape)} tokens: {type(e).__name__}: {str(e).rstrip('.')}. Some models take "
                             "only certain lengths (--max-length, --pad-to-multiple-of), or are not encoder "

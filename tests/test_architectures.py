@@ -303,3 +303,16 @@ def test_a_target_outside_the_layers_is_named_with_a_way_round():
         inject_routed_lora(model, ["dense"])
     router = inject_routed_lora(model, r".*layer\.\d+\..*dense")  # the way round it names
     assert router.num_layers == 2 and len(router.modules()) == 6
+
+
+def test_xlm_parallel_lists_route_each_layer_with_one_mask():
+    """XLM keeps a layer's attention and feed-forward in two lists (attentions.i, ffns.i): targeting
+    both gives one mask column per layer, not one per list."""
+    from transformers import XLMConfig, XLMForSequenceClassification
+
+    model = XLMForSequenceClassification(XLMConfig(vocab_size=60, emb_dim=16, n_layers=2, n_heads=2, num_labels=3))
+    router = inject_routed_lora(model, ["q_lin", "v_lin", "lin1"])
+    assert router.num_layers == 2 and [len(m) for m in router.layers] == [3, 3]
+    assert router.layer_paths is None  # no one list of layers: the ensemble passes run one after another
+    assert inject_routed_lora(XLMForSequenceClassification(XLMConfig(vocab_size=60, emb_dim=16, n_layers=2, n_heads=2))
+                              ).num_layers == 2  # the defaults, q_lin and v_lin

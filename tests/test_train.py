@@ -277,6 +277,9 @@ def test_layer_path_from_module_names():
     assert layer_path("encoder.block.0.layer.0.SelfAttention.q") == "encoder.block.0"
     assert layer_path("decoder.block.0.layer.1.EncDecAttention.q") == "decoder.block.0"
     assert layer_path("funnel.encoder.blocks.0.1.attention.q_head") == "funnel.encoder.blocks.0.1"
+    # parallel lists (XLM's attentions.i and ffns.i): one layer per index
+    assert layer_path("transformer.attentions.1.q_lin") == layer_path("transformer.ffns.1.lin1") == "transformer.*.1"
+    assert layer_path("layers.5.attn.q") == "layers.5"
     with pytest.raises(ValueError, match="cannot tell which transformer layer"):
         layer_path("query")
 
@@ -835,3 +838,20 @@ def test_a_failure_inside_the_models_forward_is_one_message(tiny_models, toy_fil
     err = capsys.readouterr().err
     assert "failed in its forward on a batch of (16, " in err and "tensor b (9). Some models take only" in err
     assert "Traceback" not in err
+
+
+def test_a_failure_inside_clear_fast_keeps_its_traceback(tiny_models, toy_files, tmp_path, monkeypatch):
+    """Not every error in a forward is the model's: one raised in clear_fast's own code (here the routed
+    layer) propagates as it is, a traceback to report, not a message blaming the model's lengths."""
+    import types
+
+    import clear_fast.lora as lora_module
+
+    # a torch error raised on a line of the routed layer's own code (a C function has no Python frame)
+    import math
+
+    broken_math = {k: getattr(math, k) for k in dir(math) if not k.startswith("_")}
+    broken_math["prod"] = torch.zeros(2).view
+    monkeypatch.setattr(lora_module, "math", types.SimpleNamespace(**broken_math))
+    with pytest.raises(RuntimeError, match="shape .* is invalid for input of size 2"):
+        main(cli(tiny_models["bert"], toy_files, tmp_path / "o", "--num-epochs", "1"))
