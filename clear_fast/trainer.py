@@ -266,6 +266,20 @@ class Run:
                                              cfg.lora_dropout)
             self.model.to(self.device)
         self.attach_model(self.model, self.router)
+        print(self._model_line())
+
+    def _model_line(self):
+        """What the run trains, said once after the data line (peft's print_trainable_parameters, and
+        where the adapters went: a model type without known targets falls back to query/value)."""
+        params = list({id(p): p for p in self.model.parameters()}.values())
+        total, trained = sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+        what = f"{self.cfg.model} ({getattr(self.model.config, 'model_type', '?')})"
+        if self.router is None:
+            return f"model: {what}, full fine-tuning: {trained:,} parameters trained"
+        targets = sorted({n.rpartition(".")[2] for n in self.router.module_names})
+        return (f"model: {what}, LoRA r {self.cfg.r} on {', '.join(targets)} in {self.router.num_layers} layers "
+                f"({len(self.router.module_names)} modules): {trained:,} of {total:,} parameters trained "
+                f"({100 * trained / total:.2f} %: the adapters and the head)")
 
     def _data_line(self, available):
         """What the run trains on, said once at its start: the subset and the noise are the two

@@ -2,6 +2,7 @@
 import csv
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -163,6 +164,8 @@ def test_own_files_keep_their_labels_and_per_sample_csv_claims_no_truth(tiny_mod
     assert main(args[2:]) == 0  # the user's own files, no noise flag
     printed = capsys.readouterr().out
     assert "4 classes, training on 160, dev 40, test 60; labels as given (no noise injected)" in printed
+    assert re.search(r"model: \S+ \(bert\), LoRA r 4 on query, value in 2 layers \(4 modules\): [\d,]+ of "
+                     r"[\d,]+ parameters trained \(\d+\.\d\d %: the adapters and the head\)", printed), printed
     assert "per_sample.csv lists the training samples likeliest to be mislabelled first" in printed
     noise = json.loads((out / "noise.json").read_text())
     assert noise["noise_type"] == "none" and all(noise["clean_mask"])
