@@ -18,6 +18,9 @@
 # device's copy of .git, which can be older than the tree that ran: name the commit sent, e.g.
 # BENCH_COMMIT=$(git rev-parse --short HEAD) written out in the device command (epoch_table.py and
 # profile_step.py record it instead).
+# Next plan: the layer changed after the third run (once_differentiable backward, the Router-mask
+# length check, DeBERTa's shared-input path), so first, in one call:
+#   BENCH_COMMIT=<sha> STEPS="gpu_tests epoch_compiled" GPU_TESTS="tests/test_lora_kernels.py tests/test_train.py tests/test_architectures.py" GPU_TESTS_ARGS="-k cuda" bash benchmarks/gpu_all.sh
 # or a subset, e.g. STEPS="gpu_tests epoch_table" GPU_TESTS=tests/test_gmm_kernel.py (results also
 # land in $OUT when the device tool sets it; a second call in one command needs its own OUT).
 # The GPU machine has torch, triton, transformers, scikit-learn, pytest(-benchmark) and peft but no

@@ -316,3 +316,19 @@ def test_xlm_parallel_lists_route_each_layer_with_one_mask():
     assert router.layer_paths is None  # no one list of layers: the ensemble passes run one after another
     assert inject_routed_lora(XLMForSequenceClassification(XLMConfig(vocab_size=60, emb_dim=16, n_layers=2, n_heads=2))
                               ).num_layers == 2  # the defaults, q_lin and v_lin
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA (the routed layer's Triton kernels)")
+def test_cuda_deberta_v3_bypassed_samples_see_the_frozen_model():
+    base = _deberta_v3().cuda()
+    model = copy.deepcopy(base)
+    router = inject_routed_lora(model)
+    _live_adapters(model)
+    ids = torch.randint(5, 100, (16, 10), generator=torch.Generator().manual_seed(1)).cuda()
+    p = torch.zeros(16, device="cuda")
+    p[1::2] = 1
+    router.route(p)
+    with torch.no_grad():
+        out, frozen = model(input_ids=ids).logits, base(input_ids=ids).logits
+    assert torch.equal(out[p == 0], frozen[p == 0])
+    assert (out[p == 1] - frozen[p == 1]).abs().amax(1).min() > 1e-6
