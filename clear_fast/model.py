@@ -569,7 +569,7 @@ def save_peft_adapter(model, router, base_path, out_dir):
         raise ValueError(f"the base model {base_path} does not hold this model's weights ({inside[0]} is missing or "
                          "of another shape there): pass base_model= the checkpoint the model was loaded from")
     saved_too = sorted({k.rpartition(".")[0] for k in drawn})
-    _check_same_frozen_weights(model, fresh, base_path, skip=drawn)
+    _check_same_frozen_weights(model, fresh, base_path, head, skip=drawn)
     lcfg = LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                       target_modules=sorted({n.split(".")[-1] for n in router.module_names}),
                       modules_to_save=head + saved_too,
@@ -605,11 +605,11 @@ def _in_a_layer(key):
         return False
 
 
-def _check_same_frozen_weights(model, fresh, base_path, skip=()):
+def _check_same_frozen_weights(model, fresh, base_path, head, skip=()):
     """The adapter is saved for base_path's weights: refuse a base whose frozen weights are not the
     model's (another checkpoint), which would load as another model. skip: the weights the checkpoint
-    does not hold (drawn at random on loading; saved with the adapter)."""
-    head = tuple(n + "." for n in head_module_names(model))
+    does not hold (drawn at random on loading; saved with the adapter). head: the head's modules."""
+    head = tuple(n + "." for n in head)
     ours = model.state_dict()
     with torch.no_grad():
         for key, value in fresh.state_dict().items():

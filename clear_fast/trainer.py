@@ -271,8 +271,8 @@ class Run:
     def _model_line(self):
         """What the run trains, said once after the data line (peft's print_trainable_parameters, and
         where the adapters went: a model type without known targets falls back to query/value)."""
-        params = list({id(p): p for p in self.model.parameters()}.values())
-        total, trained = sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+        # parameters() counts a shared parameter once; self.trainable is attach_model's list
+        total, trained = sum(p.numel() for p in self.model.parameters()), sum(p.numel() for p in self.trainable)
         what = f"{self.cfg.model} ({getattr(self.model.config, 'model_type', '?')})"
         if self.router is None:
             return f"model: {what}, full fine-tuning: {trained:,} parameters trained"
